@@ -1,0 +1,386 @@
+"""The training loop of one phase: accumulation, AMP, clipping, schedulers stepped when they declare, validation,
+best/patience bookkeeping, checkpoints and cooperative stopping.
+
+The notebook keeps the epoch loop visible (nanoGPT's readable loop)::
+
+    for epoch in trainer.remaining_epochs():
+        stats = trainer.train_one_epoch(epoch)
+        if stats is None:            # a stop was requested: latest.pt saved, status 'preempted'
+            break
+        val = trainer.validate(epoch)
+        if not trainer.end_epoch(epoch, stats, val):   # early stopping
+            break
+    trainer.finish()
+
+``Trainer.fit()`` runs the same loop for the ``cellseg train`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from cellseg.branches import Branch
+from cellseg.distributed import all_reduce_mean, any_true, barrier
+from cellseg.schedulers import build_scheduler, current_lrs
+from cellseg.training.sampler import EpochIndexed, EpochSampler
+
+log = logging.getLogger(__name__)
+
+LOSS_KEYS = ("total", Branch.NP.value, Branch.HV.value, Branch.NC.value)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``PRECISION`` 'auto' is bf16 on CUDA devices that support it, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("PRECISION='fp16' needs a CUDA device (GradScaler); use 'fp32' or 'bf16' on CPU.")
+    return precision
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return nullcontext()
+
+
+def accumulation_steps(cfg, world_size: int) -> int:
+    """Micro-batches per optimizer step so that BATCH_SIZE x world x steps reaches GRAD_ACCUM_TARGET."""
+    if not cfg.GRAD_ACCUM_TARGET:
+        return 1
+    return max(1, math.ceil(cfg.GRAD_ACCUM_TARGET / (cfg.BATCH_SIZE * world_size)))
+
+
+def epoch_plan(n_per_rank: int, batch_size: int, accum: int, max_steps: int) -> list[list[int]]:
+    """Micro-batch sizes grouped per optimizer step for one epoch (the last group may be partial)."""
+    sizes = [min(batch_size, n_per_rank - s) for s in range(0, n_per_rank, batch_size)]
+    groups = [sizes[i:i + accum] for i in range(0, len(sizes), accum)]
+    return groups[:max_steps] if max_steps else groups
+
+
+def param_checksum(model: torch.nn.Module) -> float:
+    """A cheap fingerprint of the trainable weights (compared across ranks and runs in the logs)."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().abs().sum().item() for p in model.parameters() if p.requires_grad))
+
+
+def make_loader(dataset, sampler: EpochSampler, cfg, *, batch_size: int, seed: int) -> DataLoader:
+    """A DataLoader that works inside Jupyter kernels (forkserver workers, persistent) and whose worker seeds come
+    from its own generator, never from the global RNG the model's dropout uses."""
+    kw: dict = {}
+    if cfg.NUM_WORKERS > 0:
+        kw = dict(multiprocessing_context="forkserver", persistent_workers=True, prefetch_factor=2)
+    return DataLoader(EpochIndexed(dataset), batch_size=batch_size, sampler=sampler, num_workers=cfg.NUM_WORKERS,
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed), **kw)
+
+
+class Trainer:
+    """One phase of training. ``ckpt`` is a :class:`cellseg.checkpoint.CheckpointManager`, ``stop`` a
+    :class:`cellseg.stopping.StopRequest`; ``validate_fn(model, epoch) -> dict`` computes validation metrics."""
+
+    def __init__(self, ctx, model, loss_fn, train_ds, *, validate_fn, ckpt, stop, sample_weights=None):
+        self.ctx, self.cfg, self.device = ctx, ctx.cfg, ctx.device
+        cfg = self.cfg
+        self.model = model.to(self.device)
+        if cfg.CHANNELS_LAST:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = loss_fn.to(self.device)
+        self.validate_fn, self.ckpt, self.stop = validate_fn, ckpt, stop
+        self.precision = resolve_precision(cfg.PRECISION, self.device)
+        self.patience = cfg.PATIENCE_P1 if cfg.PHASE == 1 else cfg.PATIENCE_P2
+        env = ctx.env
+        self.sampler = EpochSampler(len(train_ds), seed=cfg.SEED, rank=env.rank, world_size=env.world_size,
+                                    weights=sample_weights)
+        self.loader = make_loader(train_ds, self.sampler, cfg, batch_size=cfg.BATCH_SIZE, seed=cfg.SEED)
+        self.accum = accumulation_steps(cfg, env.world_size)
+        self.plan = epoch_plan(self.sampler.per_rank, cfg.BATCH_SIZE, self.accum, cfg.MAX_STEPS_PER_EPOCH)
+        self.steps_per_epoch = len(self.plan)
+        from cellseg.optim import build_optimizer  # local: optim imports peft, slow to import
+
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, steps_per_epoch=self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.net = self.model
+        if env.distributed:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.USE_COMPILE:
+            self.net = torch.compile(self.net)
+        self.progress = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "best_metric": None, "best_epoch": None,
+                         "patience_counter": 0, "history": [], "epoch_sums": {}, "epoch_samples": 0,
+                         "monitor": {"metric": cfg.MONITOR_METRIC, "mode": cfg.MONITOR_MODE}}
+        self.stopped_reason: str | None = None
+        self.early_stopped = False
+        self.phase_dir = Path(cfg.phase_dir())
+        self.tb = None
+        if cfg.TENSORBOARD and ctx.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.phase_dir / "tensorboard"))
+
+    # ----- state -----
+    def collect(self) -> dict:
+        from cellseg.checkpoint import collect_state
+
+        return collect_state(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                             progress=self.progress, config=self.cfg.to_dict())
+
+    def resume(self) -> bool:
+        """Restore from the phase's checkpoints according to ``RESUME``; True when something was restored."""
+        cfg = self.cfg
+        progress = self.ckpt.resume(cfg.RESUME, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                    scaler=self.scaler, strict=cfg.STRICT_LOAD,
+                                    ignore_network=cfg.IGNORE_RESUME_NETWORK, merge_lora=cfg.MERGE_LORA,
+                                    force_recreate=cfg.FORCE_RECREATE)
+        if progress is None:
+            return False
+        self.progress.update(progress)
+        log.info("resumed Phase %d at epoch %d, step %d (batch %d of the epoch), best %s=%s, patience %d/%d",
+                 cfg.PHASE, self.progress["epoch"], self.progress["step"], self.progress["batch_in_epoch"],
+                 cfg.MONITOR_METRIC, self.progress["best_metric"], self.progress["patience_counter"], self.patience)
+        self._rewrite_history()
+        return True
+
+    def remaining_epochs(self):
+        while self.progress["epoch"] < self.cfg.EPOCHS and not self.early_stopped and self.stopped_reason is None:
+            yield self.progress["epoch"]
+
+    # ----- one epoch -----
+    def _save(self, *, epoch_end: bool, is_best: bool, reason: str) -> None:
+        state = self.collect() if self.ctx.is_main else None
+        self.ckpt.save(state, epoch_end=epoch_end, is_best=is_best, reason=reason)
+
+    def _check_stop(self) -> str | None:
+        reason = self.stop.reason if self.stop is not None else None
+        if any_true(reason is not None):
+            return reason or "another rank stopped"
+        return None
+
+    def train_one_epoch(self, epoch: int) -> dict | None:
+        """Train one epoch (or its remainder after a mid-epoch resume). Returns mean losses, or None when stopped."""
+        cfg, p = self.cfg, self.progress
+        start_batch = p["batch_in_epoch"]
+        if start_batch == 0:
+            p["epoch_sums"], p["epoch_samples"] = {}, 0
+        groups = self.plan
+        done_groups = sum(1 for _ in _take_groups(groups, start_batch))
+        self.sampler.set_epoch(epoch, start=start_batch * cfg.BATCH_SIZE)
+        self.net.train()
+        it = iter(self.loader)
+        t0, seen = time.perf_counter(), 0
+        for g_idx in range(done_groups, len(groups)):
+            sizes = groups[g_idx]
+            n_group = sum(sizes)
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, n_b in enumerate(sizes):
+                batch = {key: v.to(self.device, non_blocking=True) for key, v in next(it).items()}
+                x = batch["image"]
+                if cfg.CHANNELS_LAST:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                sync = k == len(sizes) - 1 or not hasattr(self.net, "no_sync")
+                with (nullcontext() if sync else self.net.no_sync()), autocast_context(self.precision, self.device):
+                    out = self.net(x)
+                    losses = self.loss_fn(out, batch)
+                loss = losses["total"] * (n_b / n_group)  # the last partial group is scaled by its true size
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {p['step']}: "
+                                             f"{ {k2: float(v) for k2, v in losses.items()} }. Lower the learning rate "
+                                             "or use PRECISION='bf16'/'fp32'.")
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                for key in LOSS_KEYS:
+                    p["epoch_sums"][key] = p["epoch_sums"].get(key, 0.0) + float(losses[key].detach()) * n_b
+                p["epoch_samples"] += n_b
+                seen += n_b
+            stepped = self._optimizer_step()
+            p["step"] += 1
+            p["batch_in_epoch"] += len(sizes)
+            if stepped:
+                self.scheduler.step_on_optimizer_step()
+            if p["step"] % cfg.LOG_EVERY == 0 and self.ctx.is_main:
+                mean = p["epoch_sums"]["total"] / max(1, p["epoch_samples"])
+                lrs = current_lrs(self.optimizer)
+                log.info("epoch %d step %d/%d loss %.4f lr %s %.1f img/s", epoch, g_idx + 1, len(groups), mean,
+                         " ".join(f"{k}={v:.2e}" for k, v in lrs.items()),
+                         seen * self.ctx.env.world_size / max(1e-9, time.perf_counter() - t0))
+            reason = self._check_stop()
+            if reason is not None:
+                self._stop(reason)
+                return None
+            if cfg.SAVE_EVERY_STEPS and p["step"] % cfg.SAVE_EVERY_STEPS == 0 and g_idx < len(groups) - 1:
+                self._save(epoch_end=False, is_best=False, reason="step")
+        means = {k: v / max(1, p["epoch_samples"]) for k, v in p["epoch_sums"].items()}
+        return all_reduce_mean(means)
+
+    def _optimizer_step(self) -> bool:
+        """Clip, step; returns False when AMP skipped the step (inf/nan gradients)."""
+        params = [q for g in self.optimizer.param_groups for q in g["params"]]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # unscale before clipping
+            if self.cfg.GRAD_CLIP:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.GRAD_CLIP)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return self.scaler.get_scale() >= scale
+        if self.cfg.GRAD_CLIP:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.GRAD_CLIP)
+        self.optimizer.step()
+        return True
+
+    def _stop(self, reason: str) -> None:
+        from cellseg.stopping import write_run_status
+
+        self.stopped_reason = reason
+        log.warning("stop requested (%s): saving latest at epoch %d step %d", reason, self.progress["epoch"],
+                    self.progress["step"])
+        self._save(epoch_end=False, is_best=False, reason=f"stop: {reason}")
+        if self.ctx.is_main:
+            self.ckpt.ledger_event("stop", reason=reason, epoch=self.progress["epoch"], step=self.progress["step"])
+            write_run_status(self.phase_dir / "status.json", "preempted", reason, resumable=True,
+                             epoch=self.progress["epoch"], step=self.progress["step"], phase=self.cfg.PHASE)
+            _consume_stop_file(Path(self.cfg.RUN_DIR) / "STOP")
+        barrier()
+
+    # ----- epoch end -----
+    def validate(self, epoch: int) -> dict:
+        self.net.eval()
+        try:
+            return self.validate_fn(self.model, epoch)
+        finally:
+            self.net.train()
+
+    def improved(self, value: float) -> bool:
+        best = self.progress["best_metric"]
+        if value is None or math.isnan(value):
+            return False
+        if best is None:
+            return True
+        return value > best if self.cfg.MONITOR_MODE == "max" else value < best
+
+    def end_epoch(self, epoch: int, train_stats: dict, val: dict) -> bool:
+        """Scheduler, history, best/patience, checkpoints. Returns False when early stopping ends the phase."""
+        cfg, p = self.cfg, self.progress
+        if cfg.MONITOR_METRIC not in val:
+            raise KeyError(f"MONITOR_METRIC='{cfg.MONITOR_METRIC}' is not among the validation metrics "
+                           f"{sorted(k for k, v in val.items() if isinstance(v, (int, float)))}.")
+        value = float(val[cfg.MONITOR_METRIC])
+        self.scheduler.step_on_epoch_end(value)
+        is_best = self.improved(value)
+        if is_best:
+            p["best_metric"], p["best_epoch"], p["patience_counter"] = value, epoch, 0
+        else:
+            p["patience_counter"] += 1
+        record = {"epoch": epoch, "step": p["step"], "lr": current_lrs(self.optimizer),
+                  "train_loss": {k: float(v) for k, v in train_stats.items()}, "val": _jsonable(val),
+                  "monitor": {cfg.MONITOR_METRIC: value}, "is_best": is_best, "best_metric": p["best_metric"],
+                  "patience_counter": p["patience_counter"]}
+        if val.get("class_collapse"):
+            record["class_collapse"] = val["class_collapse"]
+            log.warning("CLASS COLLAPSE at epoch %d: classes present in the ground truth but never predicted: %s",
+                        epoch, val["class_collapse"])
+        p["history"].append(record)
+        p["epoch"], p["batch_in_epoch"] = epoch + 1, 0
+        p["epoch_sums"], p["epoch_samples"] = {}, 0
+        self._save(epoch_end=True, is_best=is_best, reason="epoch")
+        if self.ctx.is_main:
+            self._append_history(record)
+            if self.tb is not None:
+                for k, v in record["train_loss"].items():
+                    self.tb.add_scalar(f"train/{k}", v, epoch)
+                for k, v in record["lr"].items():
+                    self.tb.add_scalar(f"lr/{k}", v, epoch)
+                for k, v in record["val"].items():
+                    if isinstance(v, (int, float)):
+                        self.tb.add_scalar(f"val/{k}", v, epoch)
+            log.info("epoch %d done: loss %.4f, %s %.4f%s, patience %d/%d", epoch, train_stats["total"],
+                     cfg.MONITOR_METRIC, value, " (best)" if is_best else "", p["patience_counter"], self.patience)
+        if self.patience and p["patience_counter"] >= self.patience:
+            log.info("early stopping: %s did not improve for %d epochs (best %.4f at epoch %s)", cfg.MONITOR_METRIC,
+                     self.patience, p["best_metric"], p["best_epoch"])
+            self.early_stopped = True
+            return False
+        return True
+
+    def finish(self) -> dict:
+        """Write the final status marker; returns a short summary."""
+        from cellseg.stopping import write_run_status
+
+        summary = {"phase": self.cfg.PHASE, "epochs_done": self.progress["epoch"], "steps": self.progress["step"],
+                   "best_metric": self.progress["best_metric"], "best_epoch": self.progress["best_epoch"],
+                   "stopped": self.stopped_reason, "early_stopped": self.early_stopped,
+                   "param_checksum": param_checksum(self.model)}
+        log.info("rank %d parameter checksum %.10e", self.ctx.env.rank, summary["param_checksum"])
+        if self.stopped_reason is None and self.ctx.is_main:
+            self.ckpt.ledger_event("finished", epoch=self.progress["epoch"], step=self.progress["step"])
+            write_run_status(self.phase_dir / "status.json", "finished", "early stopping" if self.early_stopped
+                             else "all epochs done", resumable=False, **{k: summary[k] for k in ("epochs_done", "steps")},
+                             phase=self.cfg.PHASE)
+        if self.tb is not None:
+            self.tb.close()
+        barrier()
+        return summary
+
+    def fit(self) -> dict:
+        for epoch in self.remaining_epochs():
+            stats = self.train_one_epoch(epoch)
+            if stats is None:
+                break
+            if not self.end_epoch(epoch, stats, self.validate(epoch)):
+                break
+        return self.finish()
+
+    # ----- history file -----
+    def _append_history(self, record: dict) -> None:
+        self.phase_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.phase_dir / "history.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _rewrite_history(self) -> None:
+        """After a resume the checkpoint's history is the truth (a killed run may have logged an epoch it never saved)."""
+        if not self.ctx.is_main:
+            return
+        self.phase_dir.mkdir(parents=True, exist_ok=True)
+        path = self.phase_dir / "history.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.progress["history"]))
+        tmp.replace(path)
+
+
+def _take_groups(groups: list[list[int]], batches_done: int):
+    """Yield the groups fully covered by ``batches_done`` micro-batches."""
+    n = 0
+    for g in groups:
+        if n + len(g) > batches_done:
+            return
+        n += len(g)
+        yield g
+
+
+def _consume_stop_file(path: Path) -> None:
+    """Rename a STOP file that was acted on, so the requeued job does not stop again at once."""
+    if path.exists():
+        path.replace(path.with_name(f"STOP.handled-{time.strftime('%Y%m%dT%H%M%S')}"))
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out[k] = _jsonable(v)
+        elif isinstance(v, (list, tuple)):
+            out[k] = [float(x) if hasattr(x, "item") else x for x in v]
+        elif hasattr(v, "item"):
+            out[k] = v.item()
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,103 @@
+"""The whole workflow through the real notebooks with papermill on the tiny CPU config: 00 -> 01 (PHASE 1) ->
+01 (PHASE 2) -> 02, from fresh kernels, handing off through files; plus the parameter errors a user meets first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import papermill as pm
+import pytest
+import yaml
+
+from cellseg.workflow import project_root, run_notebook, run_workflow
+
+ROOT = project_root()
+TINY = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text())
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("workflow") / "run"
+    run_workflow(run_dir, TINY)
+    return run_dir
+
+
+def _history(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_executed_notebooks_and_artifacts(demo_run):
+    nbs = sorted(p.name for p in (demo_run / "notebooks").glob("*.ipynb"))
+    assert nbs == ["00_prepare_data.ipynb", "01_train_phase1.ipynb", "01_train_phase2.ipynb", "02_evaluate.ipynb"]
+    assert (demo_run / "data" / "manifest.json").exists()
+    for phase in (1, 2):
+        hist = _history(demo_run / f"phase{phase}" / "history.jsonl")
+        assert len(hist) == TINY["EPOCHS"]
+        for rec in hist:
+            assert {"epoch", "step", "lr", "train_loss", "val"} <= set(rec)
+            assert isinstance(rec["lr"], dict) and "decoder" in rec["lr"]
+            assert {"total", "np", "hv", "nc"} <= set(rec["train_loss"])
+            assert "pq" in rec["val"]
+        ck = demo_run / "checkpoints" / f"phase{phase}"
+        assert (ck / "latest.pt").exists() and (ck / "best.pt").exists() and (ck / "ledger.jsonl").exists()
+        status = json.loads((demo_run / f"phase{phase}" / "status.json").read_text())
+        assert status["status"] == "finished"
+        for png in ("loss_curves.png", "lr_curves.png", "val_curves.png"):
+            assert (demo_run / f"phase{phase}" / png).stat().st_size > 0
+
+
+def test_params_json_per_phase(demo_run):
+    p1 = json.loads((demo_run / "phase1" / "params.json").read_text())
+    p2 = json.loads((demo_run / "phase2" / "params.json").read_text())
+    for p in (p1, p2):
+        assert {"total", "trainable", "backbone", "lora", "decoder"} <= set(p)
+    assert p1["backbone"] == 0 and p1["lora"] == 0 and p1["decoder"] == p1["trainable"] > 0
+    assert p2["backbone"] == 0 and p2["lora"] > 0 and p2["trainable"] == p2["lora"] + p2["decoder"]
+    assert "lora" in _history(demo_run / "phase2" / "history.jsonl")[0]["lr"]
+
+
+def test_phase2_started_from_phase1(demo_run):
+    ledger = [json.loads(x) for x in (demo_run / "checkpoints" / "phase2" / "ledger.jsonl").read_text().splitlines()]
+    text = json.dumps(ledger)
+    assert "phase1" in text and "best.pt" in text
+
+
+def test_eval_metrics_and_report(demo_run):
+    metrics = json.loads((demo_run / "eval" / "metrics.json").read_text())
+    for key in ("pq", "sq", "rq", "bpq", "mpq", "mpq_plus", "aji", "aji_plus", "dice", "det_precision", "det_recall",
+                "det_f1", "ap50", "map", "per_class"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["dice"] <= 1.0 and metrics["dice"] > 0.0  # computed from real predictions
+    assert set(metrics["per_class"]) == {"RBC", "WBC", "Platelet"}
+    assert (demo_run / "eval" / "report.md").read_text().strip()
+    assert list((demo_run / "eval").glob("*.png"))
+
+
+def test_rerun_of_a_finished_phase_resumes_instead_of_retraining(demo_run, tmp_path):
+    before = _history(demo_run / "phase1" / "history.jsonl")
+    run_notebook("01_train", tmp_path / "again.ipynb",
+                 {**TINY, "RUN_DIR": str(demo_run), "CHECKPOINT_DIR": str(demo_run / "checkpoints"), "PHASE": 1})
+    assert _history(demo_run / "phase1" / "history.jsonl") == before
+    assert "resumed Phase 1" in (tmp_path / "again.ipynb").read_text()
+
+
+def test_dataloader_workers_inside_a_papermill_kernel(demo_run, tmp_path):
+    params = {**TINY, "RUN_DIR": str(tmp_path / "w"), "DATA_CACHE": str(demo_run / "data"),
+              "CHECKPOINT_DIR": str(tmp_path / "ck"), "NUM_WORKERS": 2, "EPOCHS": 1, "PHASE": 1}
+    run_notebook("01_train", tmp_path / "workers.ipynb", params)
+    assert len(_history(tmp_path / "w" / "phase1" / "history.jsonl")) == 1
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("PHASE", 3, ["PHASE must be one of [1, 2], got 3"]),
+    ("LEARNIN_RATE", 0.001, ["LEARNIN_RATE", "Valid names", "LR_DECODER_P1"]),
+])
+def test_parameter_errors_stop_the_notebook(tmp_path, name, value, expected):
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        run_notebook("01_train", tmp_path / "bad.ipynb", {**TINY, "RUN_DIR": str(tmp_path / "r"), name: value})
+    for text in expected:
+        assert text in str(e.value)
+    assert not (tmp_path / "r" / "phase1").exists()  # nothing ran past the validation cell
