@@ -54,3 +54,14 @@ def test_tiny_config_is_valid_for_every_notebook(path):
     values = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text())
     for phase in (1, 2):
         resolve_config({**values, "PHASE": phase}, notebook=path.stem)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_parses_every_parameter(path, caplog):
+    """papermill's own parser (used by `--help-notebook` and type translation) must see every parameter: it gives up
+    on lines with more than one '=' (so help comments never contain one)."""
+    import papermill as pm
+
+    params = pm.inspect_notebook(str(path))
+    assert list(params) == list(NOTEBOOK_PARAMS[path.stem])
+    assert "Unable to parse" not in caplog.text

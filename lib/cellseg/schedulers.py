@@ -66,8 +66,7 @@ class Scheduler:
             self.inner.step(metric)
 
     def state_dict(self) -> dict:
-        state = self.inner.state_dict()
-        state.pop("lr_lambdas", None)  # functions are rebuilt from the parameters, not pickled
+        state = self.inner.state_dict()  # LambdaLR stores None for plain functions: rebuilt from the parameters
         return {"kind": self.kind, "interval": self.interval, "inner": state}
 
     def load_state_dict(self, state: dict) -> None:

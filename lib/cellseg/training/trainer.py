@@ -124,16 +124,28 @@ class Trainer:
         self.phase_dir = Path(cfg.phase_dir())
         self.tb = None
         if cfg.TENSORBOARD and ctx.is_main:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("TENSORBOARD=True needs the tensorboard package: `pip install -e '.[tensorboard]'` "
+                                  "(or set TENSORBOARD=False).") from e
 
             self.tb = SummaryWriter(str(self.phase_dir / "tensorboard"))
 
     # ----- state -----
-    def collect(self) -> dict:
+    def collect(self) -> dict | None:
+        """The checkpoint payload on rank 0 (None elsewhere). Every rank contributes its RNG states (a collective),
+        so a multi-rank resume restores each rank's own stream."""
         from cellseg.checkpoint import collect_state
+        from cellseg.checkpoint.state import collect_rng_all_ranks
 
+        generators = {"loader": self.loader.generator}
+        rng_ranks = collect_rng_all_ranks(generators) if self.ctx.env.distributed else None
+        if not self.ctx.is_main:
+            return None
         return collect_state(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                             progress=self.progress, config=self.cfg.to_dict())
+                             progress=self.progress, config=self.cfg.to_dict(), generators=generators,
+                             rng_ranks=rng_ranks)
 
     def resume(self) -> bool:
         """Restore from the phase's checkpoints according to ``RESUME``; True when something was restored."""
@@ -141,7 +153,7 @@ class Trainer:
         progress = self.ckpt.resume(cfg.RESUME, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                     scaler=self.scaler, strict=cfg.STRICT_LOAD,
                                     ignore_network=cfg.IGNORE_RESUME_NETWORK, merge_lora=cfg.MERGE_LORA,
-                                    force_recreate=cfg.FORCE_RECREATE)
+                                    force_recreate=cfg.FORCE_RECREATE, generators={"loader": self.loader.generator})
         if progress is None:
             return False
         self.progress.update(progress)
@@ -157,7 +169,7 @@ class Trainer:
 
     # ----- one epoch -----
     def _save(self, *, epoch_end: bool, is_best: bool, reason: str) -> None:
-        state = self.collect() if self.ctx.is_main else None
+        state = self.collect()
         self.ckpt.save(state, epoch_end=epoch_end, is_best=is_best, reason=reason)
 
     def _check_stop(self) -> str | None:
