@@ -331,7 +331,8 @@ class Trainer:
                    "best_metric": self.progress["best_metric"], "best_epoch": self.progress["best_epoch"],
                    "stopped": self.stopped_reason, "early_stopped": self.early_stopped,
                    "param_checksum": param_checksum(self.model)}
-        log.info("rank %d parameter checksum %.10e", self.ctx.env.rank, summary["param_checksum"])
+        # printed, not logged: non-main ranks log warnings only, and the DDP checks compare every rank's line
+        print(f"rank {self.ctx.env.rank} parameter checksum {summary['param_checksum']:.10e}", flush=True)
         if self.stopped_reason is None and self.ctx.is_main:
             self.ckpt.ledger_event("finished", epoch=self.progress["epoch"], step=self.progress["step"])
             write_run_status(self.phase_dir / "status.json", "finished", "early stopping" if self.early_stopped

@@ -1,0 +1,27 @@
+"""The ``slurm_cluster`` fixture: a real single-node SLURM (munged + slurmctld + slurmd on localhost) for one test
+module. Import it into a test module (``from conftest_slurm import slurm_cluster``): pytest only reads
+``pytest_plugins`` from the rootdir conftest, and tests/conftest.py belongs to the lead.
+
+It installs nothing. Without the ``slurm-wlm`` and ``munge`` packages the tests that use it fail (not skip) with the
+install command; ``.ci/run`` installs them before ``make test``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A running test cluster (node = this host, partition ``debug``, fake ``gpu`` gres); stopped after the module."""
+    try:
+        cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    except SlurmUnavailable as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
