@@ -1,0 +1,258 @@
+"""Inference on whole images: sliding-window tiling with blending, flip/rot90 test-time augmentation, AMP.
+
+Tiles overlap and are blended with a raised-cosine (Hann) window, as MONAI's ``SlidingWindowInferer`` blends with a
+Gaussian, so that tile borders, where the network sees no context, weigh little. Probabilities (softmax of NP and NC)
+and HV maps are averaged, never logits. Test-time augmentation runs the 8 flips/rotations of the square (dihedral
+group D4) and maps each output back; the HV vectors are transformed too (a horizontal flip negates the horizontal
+map, a vertical flip the vertical one, a quarter turn swaps them with a sign), which HoVer-Net-style TTA code often
+forgets.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cellseg.branches import Branch
+from cellseg.imageops import normalize_image
+from cellseg.postprocess import classify_instances, hv_to_instances, instances_to_type_map
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# (flip the x axis first?, then quarter turns with torch.rot90(dims=(-2, -1))): the 8 elements of D4.
+TTA_TRANSFORMS: tuple[tuple[bool, int], ...] = tuple((flip, k) for flip in (False, True) for k in range(4))
+
+_ROT = np.array([[0, 1], [-1, 0]])  # rot90(k=1): (x, y) -> (y, W-1-x), so offsets (dx, dy) -> (dy, -dx)
+_FLIP = np.array([[-1, 0], [0, 1]])  # x flip: dx -> -dx
+
+
+def hv_matrix(flip: bool, k: int) -> np.ndarray:
+    """The 2x2 matrix that a transform applies to (dx, dy) offset vectors, i.e. to the HV channels."""
+    a = np.linalg.matrix_power(_ROT, k % 4)
+    return a @ _FLIP if flip else a
+
+
+def apply_transform(x: torch.Tensor, flip: bool, k: int) -> torch.Tensor:
+    """Flip the last axis (optionally), then rotate by ``k`` quarter turns. Shape: (..., H, W) -> (..., H', W')."""
+    if flip:
+        x = x.flip(-1)
+    return torch.rot90(x, k, dims=(-2, -1)) if k % 4 else x
+
+
+def invert_outputs(out: dict[str, torch.Tensor], flip: bool, k: int) -> dict[str, torch.Tensor]:
+    """Undo :func:`apply_transform` on the model's (probability) outputs, HV vectors included."""
+    res = {}
+    for key, y in out.items():
+        if k % 4:
+            y = torch.rot90(y, -k, dims=(-2, -1))
+        if flip:
+            y = y.flip(-1)
+        res[key] = y
+    inv = hv_matrix(flip, k).T  # orthogonal: inverse = transpose
+    hv = res[Branch.HV.value]
+    res[Branch.HV.value] = torch.stack(
+        [inv[0, 0] * hv[:, 0] + inv[0, 1] * hv[:, 1], inv[1, 0] * hv[:, 0] + inv[1, 1] * hv[:, 1]], dim=1
+    )
+    return res
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with at least the given overlap; the last
+    tile ends exactly at ``length``."""
+    if length <= tile:
+        return [0]
+    stride = max(1, int(round(tile * (1.0 - overlap))))
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def blend_window(h: int, w: int) -> torch.Tensor:
+    """Separable Hann window with a floor so that every pixel keeps a positive weight. Shape: (h, w)."""
+
+    def one(n: int) -> torch.Tensor:
+        i = torch.arange(n, dtype=torch.float32)
+        return (0.5 - 0.5 * torch.cos(2 * torch.pi * (i + 0.5) / n)).clamp_min(1e-3)
+
+    return one(h)[:, None] * one(w)[None, :]
+
+
+def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    params = list(model.parameters())
+    model_device = params[0].device if params else torch.device("cpu")
+    if device is None:
+        return model_device
+    device = torch.device(device)
+    if params and model_device.type != device.type:
+        raise ValueError(
+            f"device={str(device)!r} but the model's parameters are on {str(model_device)!r}; "
+            f"move the model first with model.to({str(device)!r})"
+        )
+    return device
+
+
+def _check_args(tile_size: int | None, overlap: float, amp: str) -> None:
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
+    if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 8):
+        raise ValueError(f"tile_size must be None (whole image) or an integer >= 8, got {tile_size!r}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must lie in [0, 1), got {overlap!r}")
+
+
+def _forward_probs(model: nn.Module, x: torch.Tensor, amp: str) -> dict[str, torch.Tensor]:
+    """One forward pass -> float32 probabilities: NP foreground (B, 1, h, w), HV (B, 2, h, w), NC (B, C+1, h, w)."""
+    dtype = AMP_DTYPES[amp]
+    ctx = torch.autocast(device_type=x.device.type, dtype=dtype) if dtype is not None else nullcontext()
+    with ctx:
+        out = model(x)
+    missing = [b.value for b in Branch if b.value not in out]
+    if missing:
+        raise ValueError(f"the model's output lacks the keys {missing}; it must return a dict with 'np', 'hv', 'nc'")
+    np_logits, hv, nc_logits = (out[b.value].float() for b in Branch)
+    b, _, h, w = x.shape
+    if np_logits.shape != (b, 2, h, w) or hv.shape != (b, 2, h, w) or nc_logits.shape[-2:] != (h, w):
+        raise ValueError(
+            f"model outputs must be np (B, 2, H, W), hv (B, 2, H, W), nc (B, C+1, H, W) for input {tuple(x.shape)}; "
+            f"got np {tuple(np_logits.shape)}, hv {tuple(hv.shape)}, nc {tuple(nc_logits.shape)}"
+        )
+    return {
+        Branch.NP.value: torch.softmax(np_logits, dim=1)[:, 1:2],
+        Branch.HV.value: hv,
+        Branch.NC.value: torch.softmax(nc_logits, dim=1),
+    }
+
+
+def _predict_batch(model: nn.Module, x: torch.Tensor, tta: bool, amp: str) -> dict[str, torch.Tensor]:
+    if not tta:
+        return _forward_probs(model, x, amp)
+    acc: dict[str, torch.Tensor] | None = None
+    for flip, k in TTA_TRANSFORMS:
+        out = invert_outputs(_forward_probs(model, apply_transform(x, flip, k), amp), flip, k)
+        acc = out if acc is None else {key: acc[key] + out[key] for key in acc}
+    assert acc is not None
+    return {key: v / len(TTA_TRANSFORMS) for key, v in acc.items()}
+
+
+@torch.inference_mode()
+def predict_image(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    tile_size: int | None = None,
+    overlap: float = 0.25,
+    tta: bool = False,
+    amp: str = "none",
+    device: torch.device | str | None = None,
+    batch_size: int = 4,
+) -> dict[str, np.ndarray]:
+    """Per-pixel maps of one RGB image.
+
+    Args:
+        model: returns ``{"np": (B, 2, H, W), "hv": (B, 2, H, W), "nc": (B, C+1, H, W)}`` logits/maps for
+            ImageNet-normalised input; put in eval mode for the call (its mode is restored afterwards).
+        image: RGB ``uint8`` image.
+        tile_size: None runs the whole image at once; otherwise tiles of this size (images no larger run whole).
+        overlap: fraction of a tile shared with its neighbour.
+        tta: average over the 8 flips/rotations (8x the compute).
+        amp: "none", "bf16" or "fp16" autocast.
+        device: where to run; defaults to the model's device.
+        batch_size: tiles per forward pass.
+
+    Returns:
+        ``fg_prob`` (H, W), ``hv`` (2, H, W), ``nc_prob`` (C+1, H, W), all float32 numpy arrays.
+
+    Shape: (H, W, 3) uint8 -> (H, W), (2, H, W), (C+1, H, W).
+
+    Raises:
+        ValueError: bad arguments, a model on another device, or model outputs of the wrong form.
+    """
+    _check_args(tile_size, overlap, amp)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = _resolve_device(model, device)
+    if isinstance(image, np.ndarray) and not image.flags.writeable:  # torch.from_numpy warns on read-only arrays
+        image = image.copy()
+    x = normalize_image(image).to(device)
+    _, height, width = x.shape
+    was_training = model.training
+    model.eval()
+    try:
+        if tile_size is None or (height <= tile_size and width <= tile_size):
+            out = _predict_batch(model, x[None], tta, amp)
+            result = {key: v[0] for key, v in out.items()}
+        else:
+            result = _predict_tiled(model, x, tile_size, overlap, tta, amp, batch_size)
+    finally:
+        model.train(was_training)
+    return {
+        "fg_prob": result[Branch.NP.value][0].cpu().numpy().astype(np.float32),
+        "hv": result[Branch.HV.value].cpu().numpy().astype(np.float32),
+        "nc_prob": result[Branch.NC.value].cpu().numpy().astype(np.float32),
+    }
+
+
+def _predict_tiled(
+    model: nn.Module, x: torch.Tensor, tile: int, overlap: float, tta: bool, amp: str, batch_size: int
+) -> dict[str, torch.Tensor]:
+    _, height, width = x.shape
+    th, tw = min(tile, height), min(tile, width)
+    boxes = [(y, xx) for y in tile_starts(height, th, overlap) for xx in tile_starts(width, tw, overlap)]
+    window = blend_window(th, tw).to(x.device)
+    acc: dict[str, torch.Tensor] = {}
+    weight = torch.zeros(height, width, device=x.device)
+    for i in range(0, len(boxes), batch_size):
+        chunk = boxes[i : i + batch_size]
+        batch = torch.stack([x[:, y : y + th, xx : xx + tw] for y, xx in chunk])
+        out = _predict_batch(model, batch, tta, amp)
+        if not acc:
+            acc = {key: torch.zeros(v.shape[1], height, width, device=x.device) for key, v in out.items()}
+        for j, (y, xx) in enumerate(chunk):
+            for key, v in out.items():
+                acc[key][:, y : y + th, xx : xx + tw] += v[j] * window
+            weight[y : y + th, xx : xx + tw] += window
+    log.debug("blended %d tiles of %dx%d over a %dx%d image", len(boxes), th, tw, height, width)
+    return {key: v / weight for key, v in acc.items()}
+
+
+def predict_instances(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    pp_params: dict[str, Any] | None = None,
+    tile_size: int | None = None,
+    overlap: float = 0.25,
+    tta: bool = False,
+    amp: str = "none",
+    device: torch.device | str | None = None,
+    batch_size: int = 4,
+) -> dict[str, np.ndarray]:
+    """:func:`predict_image`, then :func:`~cellseg.postprocess.hv_to_instances` and
+    :func:`~cellseg.postprocess.classify_instances`.
+
+    Returns:
+        ``inst_map`` (H, W) int32 ids 1..N, ``type_map`` (H, W) int32, ``inst_types`` (N,) int32 classes 1..C,
+        ``scores`` (N,) float32 with ``scores[k - 1]`` the confidence of instance k, ``class_probs`` (N, C), and the
+        maps ``fg_prob``, ``hv``, ``nc_prob``.
+    """
+    maps = predict_image(
+        model, image, tile_size=tile_size, overlap=overlap, tta=tta, amp=amp, device=device, batch_size=batch_size
+    )
+    inst_map = hv_to_instances(maps["fg_prob"], maps["hv"], **(pp_params or {}))
+    types, scores, probs = classify_instances(inst_map, maps["nc_prob"], maps["fg_prob"])
+    return {
+        "inst_map": inst_map,
+        "type_map": instances_to_type_map(inst_map, types),
+        "inst_types": types,
+        "scores": scores,
+        "class_probs": probs,
+        **maps,
+    }
