@@ -265,3 +265,16 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     single = _final_weights(make_trainer(tmp_path / "single", n=8, BATCH_SIZE=2, GRAD_ACCUM_TARGET=4, EPOCHS=1, MAX_STEPS_PER_EPOCH=1))
     for k in single:
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_loss_stops_with_advice(tmp_path):
+    t = make_trainer(tmp_path)
+    real = t.loss_fn
+
+    def nan_loss(out, batch):
+        losses = real(out, batch)
+        return {**losses, "total": losses["total"] * float("nan")}
+
+    t.loss_fn = nan_loss
+    with pytest.raises(FloatingPointError, match="non-finite loss at epoch 0"):
+        t.train_one_epoch(0)

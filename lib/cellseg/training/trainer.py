@@ -206,7 +206,7 @@ class Trainer:
                 loss = losses["total"] * (n_b / n_group)  # the last partial group is scaled by its true size
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {p['step']}: "
-                                             f"{ {k2: float(v) for k2, v in losses.items()} }. Lower the learning rate "
+                                             f"{ {k2: float(v.detach()) for k2, v in losses.items()} }. Lower the learning rate "
                                              "or use PRECISION='bf16'/'fp32'.")
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
                 for key in LOSS_KEYS:

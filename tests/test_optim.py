@@ -1,0 +1,122 @@
+"""Phase set-up errors, scheduler errors and the small run-time guards that keep failures loud."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cellseg.config import resolve_config
+from cellseg.model import build_model_from_config
+from cellseg.optim import build_optimizer, check_phase, configure_phase, param_groups, write_params_json
+from cellseg.schedulers import build_scheduler
+
+BASE = dict(ENCODER="test_vit", ENCODER_WEIGHTS="", DECODER_WIDTH=8, LORA_R=2, LORA_ALPHA=4)
+
+
+def _model(**kw):
+    cfg = resolve_config({**BASE, **kw})
+    model = build_model_from_config(cfg, num_classes=2)
+    return cfg, model, configure_phase(model, cfg)
+
+
+def test_phase2_guards():
+    cfg, model, n = _model(PHASE=2)
+    assert n == 6
+    next(p for name, p in model.encoder.named_parameters() if "lora_" not in name).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="keep the ViT base weights frozen"):
+        check_phase(model, 2, n)
+    cfg, model, n = _model(PHASE=2)
+    with pytest.raises(RuntimeError, match="expected 3 LoRA modules"):
+        check_phase(model, 2, 3)
+    next(model.decoder.parameters()).requires_grad_(False)
+    with pytest.raises(RuntimeError, match="the decoder must train"):
+        check_phase(model, 1, 0)
+
+
+def test_param_groups_refuse_parameters_without_a_rate(tmp_path):
+    cfg, model, _ = _model(PHASE=1)
+    next(model.encoder.parameters()).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="has no learning rate"):
+        param_groups(model, cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="no trainable parameters"):
+        build_optimizer(model, cfg)
+    cfg, model, _ = _model(PHASE=1)
+    counts = write_params_json(model, tmp_path / "p" / "params.json")
+    assert (tmp_path / "p" / "params.json").exists() and counts["backbone"] == 0
+
+
+def test_scheduler_errors():
+    opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="SCHEDULER must be one of"):
+        build_scheduler(opt, type("C", (), {"SCHEDULER": "linear"})(), steps_per_epoch=2)
+    sched = build_scheduler(opt, resolve_config({"SCHEDULER": "plateau"}), steps_per_epoch=2)
+    with pytest.raises(ValueError, match="needs the monitored validation metric"):
+        sched.step_on_epoch_end(None)
+    other = build_scheduler(opt, resolve_config({"SCHEDULER": "cosine"}), steps_per_epoch=2)
+    with pytest.raises(ValueError, match="checkpoint scheduler is 'plateau'"):
+        other.load_state_dict(sched.state_dict())
+    from cellseg.schedulers import epoch_factor
+
+    with pytest.raises(ValueError, match="not a per-epoch schedule"):
+        epoch_factor("onecycle", 1, gamma=0.5, step_size=1, epochs=2, min_ratio=0.0)
+
+
+def test_runtime_guards(tmp_path):
+    import numpy as np
+
+    from cellseg.distributed import DistEnv, detect_env, pick_device
+    from cellseg.imageops import denormalize_image, normalize_image
+    from cellseg.loading import checkpoint_path
+    from cellseg.plots import read_history
+    from cellseg.training.trainer import resolve_precision
+
+    with pytest.raises(ValueError, match="PRECISION='fp16' needs a CUDA device"):
+        resolve_precision("fp16", torch.device("cpu"))
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            pick_device("cuda", DistEnv())
+    with pytest.raises(FileNotFoundError, match="Train that phase first"):
+        checkpoint_path(resolve_config({"CHECKPOINT_DIR": str(tmp_path), "EVAL_PHASE": 1}))
+    with pytest.raises(FileNotFoundError, match="train the phase first"):
+        read_history(tmp_path / "history.jsonl")
+    with pytest.raises(ValueError, match="RGB"):
+        normalize_image(np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_image(np.zeros((4, 4, 3), np.float32))
+    img = (np.arange(48) * 5).astype(np.uint8).reshape(4, 4, 3)
+    assert np.array_equal(denormalize_image(normalize_image(img)), img)
+    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "77",
+           "SLURM_JOB_NODELIST": "node[01-02]"}
+    d = detect_env(env)
+    assert (d.rank, d.world_size, d.local_rank, d.launcher) == (1, 2, 1, "slurm")
+    assert env["MASTER_PORT"] == "20077" and env["MASTER_ADDR"]
+    assert detect_env({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}).world_size == 4
+    assert detect_env({}).world_size == 1
+
+
+def test_tensorboard_missing_is_explained(tmp_path, monkeypatch):
+    import builtins
+
+    from toydata import FakeCheckpoints, ToyDataset
+
+    from cellseg.losses import loss_from_config
+    from cellseg.runtime import RunContext
+    from cellseg.training.trainer import Trainer
+    from cellseg.distributed import DistEnv
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name == "torch.utils.tensorboard":
+            raise ImportError("no tensorboard")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    cfg, model, _ = _model(TENSORBOARD=True, RUN_DIR=str(tmp_path), DEVICE="cpu", NUM_WORKERS=0)
+    ctx = RunContext(cfg, DistEnv(), torch.device("cpu"), tmp_path)
+    with pytest.raises(ImportError, match=r"pip install -e '.\[tensorboard\]'"):
+        Trainer(ctx, model, loss_from_config(cfg, 2), ToyDataset(n=2), validate_fn=None, ckpt=FakeCheckpoints(),
+                stop=None)
