@@ -1,0 +1,234 @@
+"""``CellDataset``: the prepared cache as a ``torch.utils.data.Dataset`` of HoVer-Net targets.
+
+Every item is built from ``np.random.default_rng([seed, epoch, index])`` alone (crop position, then the albumentations
+seed), never from global or per-worker random state, so ``(seed, epoch, index)`` gives bit-identical tensors in any
+process and with any number of workers. The epoch lives in a shared-memory tensor: ``set_epoch`` in the main process
+reaches persistent DataLoader workers too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cellseg.branches import Branch
+from cellseg.data.augment import AugmentConfig, augment_arrays, build_augmentation
+from cellseg.data.cache import PREPARE_HINT, load_manifest, load_sample
+from cellseg.data.sample import SPLITS, relabel_consecutive
+from cellseg.data.targets import hv_maps
+from cellseg.imageops import normalize_image
+
+log = logging.getLogger(__name__)
+
+CONTEXT = (
+    1.42  # augmented patches are cut with ~sqrt(2) context, so rotations bring in real pixels, not borders
+)
+
+
+def _window(
+    sample: dict[str, np.ndarray], y0: int, x0: int, size_y: int, size_x: int
+) -> dict[str, np.ndarray]:
+    """Cut ``[y0, y0 + size_y) x [x0, x0 + size_x)``; outside the image: reflected image, label 0, ignored."""
+    h, w = sample["inst_map"].shape
+    top, left = max(0, -y0), max(0, -x0)
+    bottom, right = max(0, y0 + size_y - h), max(0, x0 + size_x - w)
+    ys, xs = slice(y0 + top, y0 + top + size_y), slice(x0 + left, x0 + left + size_x)
+    out = {}
+    for key, array in sample.items():
+        if top or bottom or left or right:
+            pad = ((top, bottom), (left, right)) + ((0, 0),) * (array.ndim - 2)
+            if key == "image":
+                array = np.pad(array, pad, mode="reflect" if min(h, w) > 1 else "edge")
+            else:
+                array = np.pad(array, pad, mode="constant", constant_values=(key == "ignore_mask"))
+        out[key] = array[ys, xs]
+    return out
+
+
+class CellDataset(Dataset):
+    """Images and HoVer-Net targets of one split of a prepared cache.
+
+    Args:
+        cache_dir: DATA_CACHE prepared by :func:`cellseg.data.prepare_dataset`.
+        split: ``train``, ``val`` or ``test``.
+        patch_size: side of the square patches; None returns whole images (no crop).
+        augment: random crop + augmentation (training); otherwise a centre crop and no augmentation.
+        seed: base seed (>= 0) of every random choice.
+        class_names: expected class names; must equal the cache's (guards against a cache of another dataset).
+        augment_config: probabilities and ranges of the augmentations (defaults when None).
+
+    Items (``P`` = patch size, or the image size when ``patch_size`` is None): ``image`` float32 (3, P, P) normalised
+    with ImageNet statistics; ``np`` int64 (P, P) in {0, 1}; ``hv`` float32 (2, P, P); ``nc`` int64 (P, P) in 0..C;
+    ``ignore`` bool (P, P); ``inst_map`` int64 (P, P); ``index`` int64 scalar.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        split: str,
+        *,
+        patch_size: int | None,
+        augment: bool,
+        seed: int,
+        class_names: list[str] | None = None,
+        augment_config: AugmentConfig | None = None,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        if patch_size is not None and patch_size < 1:
+            raise ValueError(f"patch_size must be a positive number of pixels or None, got {patch_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (it seeds numpy's default_rng), got {seed}")
+        self.cache_dir = Path(cache_dir)
+        manifest = load_manifest(self.cache_dir)
+        self.class_names: list[str] = list(manifest["class_names"])
+        if class_names is not None and list(class_names) != self.class_names:
+            raise ValueError(
+                f"class_names {list(class_names)} differ from the cache's {self.class_names} at {self.cache_dir}; "
+                f"prepare the cache for this dataset again or pass class_names=None"
+            )
+        self.names: list[str] = list(manifest["splits"].get(split, []))
+        if not self.names:
+            raise ValueError(
+                f"split '{split}' of the cache {self.cache_dir} is empty (splits: "
+                f"{ {s: len(v) for s, v in manifest['splits'].items()} }); use another split or prepare the data "
+                f"with a non-zero fraction for it ({PREPARE_HINT})"
+            )
+        self.split = split
+        self.patch_size = patch_size
+        self.augment = augment
+        self.seed = int(seed)
+        self.augment_config = augment_config or AugmentConfig()
+        self._pipeline = build_augmentation(self.augment_config) if augment else None
+        self._image_counts = {n: manifest.get("image_counts", {}).get(f"{split}/{n}") for n in self.names}
+        # shared memory, so persistent DataLoader workers see set_epoch from the main process
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the albumentations pipeline is rebuilt from its config: workers receive paths, names and numbers only
+        state = self.__dict__.copy()
+        state["_pipeline"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pipeline = build_augmentation(self.augment_config) if self.augment else None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.item())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the random stream of ``epoch`` (crops and augmentations change per epoch)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._epoch.fill_(int(epoch))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load(self, index: int) -> dict[str, Any]:
+        """The raw cached sample of ``index`` (internal sample format)."""
+        return load_sample(self.cache_dir, self.split, self.names[index])
+
+    def _crop(self, arrays: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        p = self.patch_size
+        h, w = arrays["inst_map"].shape
+        if p is None:
+            return arrays
+        if self.augment:
+            y0 = int(rng.integers(min(0, h - p), max(0, h - p) + 1))
+            x0 = int(rng.integers(min(0, w - p), max(0, w - p) + 1))
+            margin = int(math.ceil(p * (CONTEXT - 1) / 2))
+            return _window(arrays, y0 - margin, x0 - margin, p + 2 * margin, p + 2 * margin)
+        return _window(arrays, (h - p) // 2, (w - p) // 2, p, p)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self.names):
+            raise IndexError(
+                f"index {index} out of range for split '{self.split}' with {len(self.names)} images"
+            )
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        sample = self.load(index)
+        h, w = sample["inst_map"].shape
+        arrays = {
+            "image": sample["image"],
+            "inst_map": sample["inst_map"],
+            "type_map": sample["type_map"],
+            "ignore_mask": sample.get("ignore_mask", np.zeros((h, w), dtype=bool)),
+        }
+        arrays = self._crop(arrays, rng)
+        image, inst, types, ignore = (
+            arrays["image"],
+            arrays["inst_map"],
+            arrays["type_map"],
+            arrays["ignore_mask"],
+        )
+        if self._pipeline is not None:
+            aug_seed = int(rng.integers(0, 2**31 - 1))
+            image, inst, types, ignore = augment_arrays(self._pipeline, image, inst, types, ignore, aug_seed)
+            if self.patch_size is not None:
+                p = self.patch_size
+                m = (inst.shape[0] - p) // 2
+                crop = (slice(m, m + p), slice(m, m + p))
+                image, inst, types, ignore = image[crop], inst[crop], types[crop], ignore[crop]
+        inst = relabel_consecutive(inst)
+        types = np.where(inst > 0, types, 0)
+        return {
+            "image": normalize_image(np.ascontiguousarray(image)),
+            Branch.NP.value: torch.from_numpy((inst > 0).astype(np.int64)),
+            Branch.HV.value: torch.from_numpy(hv_maps(inst)),
+            Branch.NC.value: torch.from_numpy(types.astype(np.int64)),
+            "ignore": torch.from_numpy(np.ascontiguousarray(ignore, dtype=bool)),
+            "inst_map": torch.from_numpy(inst.astype(np.int64)),
+            "index": torch.tensor(int(index), dtype=torch.int64),
+        }
+
+    def class_counts_per_image(self) -> np.ndarray:
+        """Instances of each class in every image of the split, from the manifest (or the labels when absent).
+
+        Shape: -> (N, C) int64.
+        """
+        from cellseg.data.sample import class_instance_counts
+
+        rows = []
+        for i, name in enumerate(self.names):
+            counts = self._image_counts.get(name)
+            if counts is None:
+                s = self.load(i)
+                counts = class_instance_counts(s["inst_map"], s["type_map"], self.num_classes)
+            rows.append(counts)
+        return np.asarray(rows, dtype=np.int64).reshape(len(self.names), self.num_classes)
+
+
+def sample_weights(dataset: CellDataset, power: float = 1.0) -> np.ndarray:
+    """Per-image sampling weights that oversample images holding rare classes.
+
+    The weight of an image is the largest ``(1 / f_c) ** power`` over the classes ``c`` it contains, where ``f_c`` is
+    class ``c``'s share of all instances in the split; an image without instances gets ``1`` (as if its class were
+    everything). Weights are normalised to sum to 1 (for ``torch.utils.data.WeightedRandomSampler``). ``power=0``
+    gives uniform weights.
+
+    Shape: -> (N,) float64.
+    """
+    if power < 0:
+        raise ValueError(f"power must be >= 0 (0 = uniform, 1 = inverse frequency), got {power}")
+    counts = dataset.class_counts_per_image()
+    totals = counts.sum(axis=0).astype(np.float64)
+    if totals.sum() == 0:
+        return np.full(len(counts), 1.0 / len(counts))
+    freq = totals / totals.sum()
+    inv = np.where(freq > 0, 1.0 / np.where(freq > 0, freq, 1.0), 0.0) ** power
+    weights = np.where(counts > 0, inv[None, :], 0.0).max(axis=1)
+    weights[counts.sum(axis=1) == 0] = 1.0
+    return weights / weights.sum()

@@ -1,0 +1,256 @@
+"""CellDataset: tensor contract, determinism across processes and epochs, HV after flips, padding, sample weights."""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from cellseg.branches import Branch
+from cellseg.data import AugmentConfig, CellDataset, prepare_dataset, sample_weights
+from cellseg.data.cache import MANIFEST, load_manifest
+from cellseg.data.targets import hv_maps
+from cellseg.imageops import denormalize_image
+
+OFF = dict(flip=0.0, rot90=0.0, affine=0.0, elastic=0.0, colour=0.0, hed=0.0, blur=0.0, noise=0.0)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cache")
+    prepare_dataset(
+        "synthetic", None, path, synth_num_images=6, synth_image_size=64, test_fraction=0.0, progress=False
+    )
+    return path
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_item_contract(cache: Path) -> None:
+    ds = CellDataset(cache, "train", patch_size=48, augment=True, seed=0)
+    assert len(ds) == len(load_manifest(cache)["splits"]["train"]) and ds.num_classes == 3
+    item = ds[1]
+    expected = {
+        "image": ((3, 48, 48), torch.float32),
+        Branch.NP.value: ((48, 48), torch.int64),
+        Branch.HV.value: ((2, 48, 48), torch.float32),
+        Branch.NC.value: ((48, 48), torch.int64),
+        "ignore": ((48, 48), torch.bool),
+        "inst_map": ((48, 48), torch.int64),
+        "index": ((), torch.int64),
+    }
+    assert {k: (tuple(v.shape), v.dtype) for k, v in item.items()} == expected
+    assert int(item["index"]) == 1
+    assert (
+        set(item["np"].unique().tolist()) <= {0, 1}
+        and 0 <= int(item["nc"].min()) <= int(item["nc"].max()) <= 3
+    )
+    assert torch.equal(item["np"], (item["inst_map"] > 0).long())
+    assert torch.equal(item["nc"] > 0, item["inst_map"] > 0)
+    np.testing.assert_array_equal(item["hv"].numpy(), hv_maps(item["inst_map"].numpy()))
+    ids = item["inst_map"].unique()
+    assert torch.equal(ids, torch.arange(ids.numel()))
+
+
+def test_whole_image_without_patch_size(cache: Path) -> None:
+    ds = CellDataset(cache, "val", patch_size=None, augment=False, seed=0)
+    item = ds[0]
+    raw = ds.load(0)
+    assert item["image"].shape == (3, 64, 64)
+    np.testing.assert_array_equal(denormalize_image(item["image"]), raw["image"])
+    np.testing.assert_array_equal(item["inst_map"].numpy(), raw["inst_map"])
+    assert CellDataset(cache, "val", patch_size=None, augment=True, seed=0)[0]["image"].shape == (3, 64, 64)
+
+
+def test_centre_crop_without_augmentation(cache: Path) -> None:
+    ds = CellDataset(cache, "train", patch_size=32, augment=False, seed=0)
+    raw = ds.load(2)
+    item = ds[2]
+    np.testing.assert_array_equal(denormalize_image(item["image"]), raw["image"][16:48, 16:48])
+    assert _equal(item, ds[2])
+
+
+def test_same_seed_epoch_index_same_tensors_and_epochs_differ(cache: Path) -> None:
+    a = CellDataset(cache, "train", patch_size=40, augment=True, seed=7)
+    b = CellDataset(cache, "train", patch_size=40, augment=True, seed=7)
+    b[0], b[2]  # noqa: B018 - other items in between must not change item 1
+    assert _equal(a[1], b[1])
+    a.set_epoch(1)
+    assert a.epoch == 1 and not _equal(a[1], b[1])
+    b.set_epoch(1)
+    assert _equal(a[1], b[1])
+    assert not _equal(a[1], CellDataset(cache, "train", patch_size=40, augment=True, seed=8)[1])
+
+
+def test_global_random_state_does_not_matter(cache: Path) -> None:
+    ds = CellDataset(cache, "train", patch_size=40, augment=True, seed=3)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    first = ds[0]
+    np.random.seed(999)
+    torch.manual_seed(999)
+    np.random.random(17)
+    assert _equal(first, ds[0])
+
+
+def _items_in_child(dataset_bytes: bytes, epoch: int, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+    dataset = pickle.loads(dataset_bytes)
+    dataset.set_epoch(epoch)
+    return [{k: v.clone() for k, v in dataset[i].items()} for i in indices]
+
+
+def test_bit_identical_in_a_spawned_process_and_in_persistent_workers(cache: Path) -> None:
+    ds = CellDataset(cache, "train", patch_size=40, augment=True, seed=5)
+    indices = list(range(len(ds)))
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        child = pool.apply(_items_in_child, (pickle.dumps(ds), 2, indices))
+    ds.set_epoch(2)
+    for i in indices:
+        assert _equal(child[i], ds[i]), f"index {i} differs between processes"
+    # DataLoader workers (spawned, persistent): set_epoch in the main process must reach them
+    loader = DataLoader(
+        ds, batch_size=2, num_workers=2, multiprocessing_context="spawn", persistent_workers=True
+    )
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        batches = list(loader)
+        local = [ds[i] for i in indices]
+        got = torch.cat([b["image"] for b in batches])
+        assert torch.equal(got, torch.stack([x["image"] for x in local])), f"epoch {epoch}"
+        assert torch.equal(torch.cat([b["hv"] for b in batches]), torch.stack([x["hv"] for x in local]))
+
+
+def test_hv_is_recomputed_after_a_flip(cache: Path) -> None:
+    flip = AugmentConfig(**(OFF | {"flip": 1.0}))  # horizontal and vertical flip, always
+    ds = CellDataset(cache, "train", patch_size=None, augment=True, seed=0, augment_config=flip)
+    plain = CellDataset(cache, "train", patch_size=None, augment=False, seed=0)
+    flipped, original = ds[0], plain[0]
+    np.testing.assert_array_equal(
+        flipped["inst_map"].numpy() > 0, original["inst_map"].numpy()[::-1, ::-1] > 0
+    )
+    # warping the old HV map would keep its signs; the correct map has them reversed along both axes
+    np.testing.assert_array_equal(flipped["hv"].numpy(), -original["hv"].numpy()[:, ::-1, ::-1])
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_hv_signs_agree_with_instance_geometry_under_default_augmentation(cache: Path, index: int) -> None:
+    ds = CellDataset(cache, "train", patch_size=48, augment=True, seed=index)
+    item = ds[index]
+    inst, hv = item["inst_map"].numpy(), item["hv"].numpy()
+    yy, xx = np.mgrid[0 : inst.shape[0], 0 : inst.shape[1]]
+    for i in range(1, int(inst.max()) + 1):
+        m = inst == i
+        dx, dy = xx[m] - xx[m].mean(), yy[m] - yy[m].mean()
+        assert np.all(np.sign(hv[0][m][np.abs(dx) > 1e-9]) == np.sign(dx[np.abs(dx) > 1e-9]))
+        assert np.all(np.sign(hv[1][m][np.abs(dy) > 1e-9]) == np.sign(dy[np.abs(dy) > 1e-9]))
+
+
+def test_small_images_are_padded_and_the_padding_ignored(cache: Path) -> None:
+    ds = CellDataset(cache, "train", patch_size=96, augment=False, seed=0)
+    item, raw = ds[0], ds.load(0)
+    assert item["image"].shape == (3, 96, 96)
+    ignore = item["ignore"].numpy()
+    assert ignore[:16].all() and ignore[-16:].all() and ignore[:, :16].all() and ignore[:, -16:].all()
+    assert not ignore[16:80, 16:80].any()
+    assert (item["inst_map"].numpy()[ignore] == 0).all() and (item["nc"].numpy()[ignore] == 0).all()
+    image = denormalize_image(item["image"])
+    np.testing.assert_array_equal(image[16:80, 16:80], raw["image"])
+    np.testing.assert_array_equal(
+        image[15, 16:80], raw["image"][1]
+    )  # reflect padding mirrors row 1 above row 0
+    augmented = CellDataset(cache, "train", patch_size=96, augment=True, seed=0)[0]
+    assert augmented["image"].shape == (3, 96, 96) and augmented["ignore"].float().mean() > 0.3
+
+
+def test_dataset_pickles_light(cache: Path) -> None:
+    ds = CellDataset(cache, "train", patch_size=32, augment=True, seed=1)
+    clone = pickle.loads(pickle.dumps(ds))
+    assert _equal(clone[0], ds[0])
+    assert len(pickle.dumps(ds)) < 5_000  # paths, names and numbers: no images, no pipeline
+
+
+def test_empty_split_is_a_clear_error(cache: Path) -> None:
+    with pytest.raises(ValueError, match="split 'test' of the cache .* is empty"):
+        CellDataset(cache, "test", patch_size=32, augment=False, seed=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"split": "training"}, "split must be one of"),
+        ({"patch_size": 0}, "patch_size"),
+        ({"seed": -1}, "seed"),
+        ({"class_names": ["RBC", "WBC"]}, "class_names"),
+    ],
+)
+def test_bad_arguments(cache: Path, kwargs: dict, match: str) -> None:
+    args = {"split": "train", "patch_size": 32, "augment": False, "seed": 0} | kwargs
+    with pytest.raises(ValueError, match=match):
+        CellDataset(cache, **args)
+
+
+def test_index_and_epoch_errors(cache: Path) -> None:
+    ds = CellDataset(
+        cache, "val", patch_size=32, augment=False, seed=0, class_names=["RBC", "WBC", "Platelet"]
+    )
+    with pytest.raises(IndexError, match="out of range"):
+        ds[len(ds)]
+    with pytest.raises(ValueError, match="epoch"):
+        ds.set_epoch(-1)
+
+
+def _weights_cache(root: Path, cache: Path, drop_image_counts: bool = False) -> CellDataset:
+    """Three train images: A with four 'common' cells, B with four 'common' and one 'rare', C empty."""
+    (root / "classes.txt").parent.mkdir(parents=True)
+    (root / "classes.txt").write_text("common\nrare\n")
+    layout = {"A": [1, 1, 1, 1], "B": [1, 1, 1, 1, 2], "C": []}
+    for split in ("train", "val", "test"):
+        (root / split).mkdir()
+        for name, classes in layout.items() if split == "train" else [(f"{split}0", [1])]:
+            inst = np.zeros((16, 48), np.int32)
+            types = np.zeros((16, 48), np.int32)
+            for k, c in enumerate(classes, start=1):
+                inst[2:6, 8 * k - 6 : 8 * k - 2] = k
+                types[2:6, 8 * k - 6 : 8 * k - 2] = c
+            Image.fromarray(np.zeros((16, 48, 3), np.uint8)).save(root / split / f"{name}.png")
+            np.save(root / split / f"{name}.npy", {"inst_map": inst, "type_map": types})
+    prepare_dataset("folder", root, cache, progress=False)
+    if drop_image_counts:
+        manifest = load_manifest(cache)
+        del manifest["image_counts"]
+        (cache / MANIFEST).write_text(__import__("json").dumps(manifest))
+    return CellDataset(cache, "train", patch_size=None, augment=False, seed=0)
+
+
+@pytest.mark.parametrize("drop_image_counts", [False, True])
+def test_sample_weights_oversample_rare_classes(tmp_path: Path, drop_image_counts: bool) -> None:
+    ds = _weights_cache(tmp_path / "src", tmp_path / "cache", drop_image_counts)
+    assert ds.names == ["A", "B", "C"]
+    np.testing.assert_array_equal(ds.class_counts_per_image(), [[4, 0], [4, 1], [0, 0]])
+    # class shares 8/9 and 1/9: A -> 9/8, B -> max(9/8, 9) = 9, C (empty) -> 1; then normalised
+    raw = np.array([9 / 8, 9.0, 1.0])
+    np.testing.assert_allclose(sample_weights(ds), raw / raw.sum())
+    np.testing.assert_allclose(sample_weights(ds, power=0.5), np.sqrt(raw) / np.sqrt(raw).sum())
+    np.testing.assert_allclose(sample_weights(ds, power=0.0), [1 / 3] * 3)
+    with pytest.raises(ValueError, match="power"):
+        sample_weights(ds, power=-1)
+
+
+def test_sample_weights_without_any_instance(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    for split in ("train", "val", "test"):
+        (root / split).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / split / "x.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / split / "x_mask.png")
+    prepare_dataset("folder", root, tmp_path / "cache", progress=False)
+    ds = CellDataset(tmp_path / "cache", "train", patch_size=None, augment=False, seed=0)
+    np.testing.assert_allclose(sample_weights(ds), [1.0])
