@@ -9,6 +9,7 @@ TORCH_SPEC ?= torch==2.14.*
 TORCHVISION_SPEC ?= torchvision==0.29.*
 KERNEL ?= cellseg
 DEMO_DIR ?= runs/demo
+DEMO_CONFIG ?= configs/demo_cpu.yaml
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test lint clean-demo
@@ -25,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo: setup
-	$(PY) -m cellseg.workflow --run-dir $(DEMO_DIR) --config configs/tiny_cpu.yaml --kernel $(KERNEL)
+	$(PY) -m cellseg.workflow --run-dir $(DEMO_DIR) --config $(DEMO_CONFIG) --kernel $(KERNEL)
 
 # Real-data tests read these; default to ../shared/data when it exists (CI sets them explicitly in .ci/run).
 SHARED_DATA := $(abspath ../shared/data)

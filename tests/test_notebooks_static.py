@@ -49,9 +49,10 @@ def test_parameters_cell(path):
     assert all("  # " in ln for ln in code_lines), "every parameter has a trailing comment"
 
 
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_tiny_config_is_valid_for_every_notebook(path):
-    values = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text())
+def test_every_config_file_is_valid_for_every_notebook(path, config):
+    values = yaml.safe_load(config.read_text())
     for phase in (1, 2):
         resolve_config({**values, "PHASE": phase}, notebook=path.stem)
 

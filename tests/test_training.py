@@ -278,3 +278,13 @@ def test_non_finite_loss_stops_with_advice(tmp_path):
     t.loss_fn = nan_loss
     with pytest.raises(FloatingPointError, match="non-finite loss at epoch 0"):
         t.train_one_epoch(0)
+
+
+def test_channels_last_trains_and_compile_wraps_only_the_forward(tmp_path):
+    t = make_trainer(tmp_path / "cl", CHANNELS_LAST=True)
+    stats = t.train_one_epoch(0)
+    assert stats is not None and math.isfinite(stats["total"])
+    c = make_trainer(tmp_path / "compiled", USE_COMPILE=True)
+    assert isinstance(c.net, torch._dynamo.eval_frame.OptimizedModule)
+    assert c.net._orig_mod is c.model  # checkpoints are taken from the plain model: no '_orig_mod.' keys
+    assert not any(k.startswith("_orig_mod") for k in c.model.state_dict())
