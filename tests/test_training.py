@@ -224,7 +224,10 @@ def test_unknown_monitor_metric_is_explained(tmp_path):
 # ---------------------------------------------------------------- accumulation and DDP == one large batch
 def _final_weights(t) -> dict[str, torch.Tensor]:
     # plain SGD: Adam's normalisation would magnify float noise in near-zero gradients into visible weight differences
+    from cellseg.schedulers import build_scheduler
+
     t.optimizer = torch.optim.SGD([q for g in t.optimizer.param_groups for q in g["params"]], lr=0.05)
+    t.scheduler = build_scheduler(t.optimizer, t.cfg, steps_per_epoch=t.steps_per_epoch)
     t.fit()
     return {k: v for k, v in snapshot(t.model).items() if k.startswith("decoder.")}
 
