@@ -101,3 +101,12 @@ def test_parameter_errors_stop_the_notebook(tmp_path, name, value, expected):
     for text in expected:
         assert text in str(e.value)
     assert not (tmp_path / "r" / "phase1").exists()  # nothing ran past the validation cell
+
+
+def test_each_phase_keeps_its_own_resolved_config_and_log(demo_run):
+    import json as _json
+
+    for phase in (1, 2):
+        cfg = _json.loads((demo_run / f"config_01_train_phase{phase}.json").read_text())
+        assert cfg["PHASE"] == phase
+        assert (demo_run / "logs" / f"01_train_phase{phase}.log").stat().st_size > 0

@@ -7,6 +7,7 @@ tests call :func:`run_workflow`. Each notebook starts in a fresh kernel; phases 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,12 @@ def run_notebook(name: str, out: Path, parameters: dict, *, kernel: str = "cells
     """Execute ``notebooks/<name>.ipynb`` with papermill into ``out``."""
     import papermill as pm
 
+    from cellseg.config import NOTEBOOK_PARAMS, Config
+
+    # Drop the other notebooks' parameters (papermill would warn about each); unknown names stay, so the
+    # notebook's validation cell rejects a typo.
+    known = {f.name for f in dataclasses.fields(Config)}
+    parameters = {k: v for k, v in parameters.items() if k in NOTEBOOK_PARAMS[name] or k not in known}
     root = project_root()
     out.parent.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(str(root / "notebooks" / f"{name}.ipynb"), str(out), parameters=parameters,
