@@ -15,10 +15,11 @@ import argparse
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 from cellseg.config import resolve_config
 from cellseg.model import build_model_from_config
 from cellseg.optim import configure_phase, count_params
-from torch.utils.flop_counter import FlopCounterMode
 
 INTERCONNECTS = (("NVLink", 200e9, 4), ("PCIe 4", 20e9, 4), ("IB HDR, 2 nodes", 20e9, 8), ("25 GbE, 2 nodes", 2.5e9, 8))
 

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from scipy import ndimage as ndi
+from scipy.optimize import linear_sum_assignment
+
 from cellseg.metrics import aji_plus_totals, aji_totals, image_detections, pair_table, panoptic_counts
 from cellseg.metrics.aji import ratio
 from cellseg.metrics.coco import average_precision
-from scipy import ndimage as ndi
-from scipy.optimize import linear_sum_assignment
 
 
 # ----------------------------------------------------------------------------- HoVer-Net (literal re-implementation)

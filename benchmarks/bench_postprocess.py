@@ -22,10 +22,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import tifffile
-from cellseg.metrics import pair_table, panoptic_counts
-from cellseg.postprocess import hv_to_instances
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
+
+from cellseg.metrics import pair_table, panoptic_counts
+from cellseg.postprocess import hv_to_instances
 
 
 def hv_targets(inst: np.ndarray) -> tuple[np.ndarray, str]:

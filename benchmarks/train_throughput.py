@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from cellseg.config import Config, resolve_config
 from cellseg.memory import GiB, MemoryModel, MiB, build_skeleton, measure_step_saved
 
@@ -121,8 +122,9 @@ def batches(args: argparse.Namespace, cfg: Config, device: torch.device, num_cla
     except ImportError as e:
         raise SystemExit(f"--data cache needs cellseg.data's CellDataset, load_manifest and prepare_dataset ({e}); "
                          "use --data random.") from e
-    from cellseg.training.sampler import EpochIndexed, EpochSampler
     from torch.utils.data import DataLoader
+
+    from cellseg.training.sampler import EpochIndexed, EpochSampler
 
     cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="cellseg-bench-")) / "data"
     if not (cache / "manifest.json").exists():
@@ -142,10 +144,11 @@ def batches(args: argparse.Namespace, cfg: Config, device: torch.device, num_cla
 
 def train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Warm-up, then timed optimizer steps; returns the measurements."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from cellseg.losses import loss_from_config
     from cellseg.optim import build_optimizer
     from cellseg.training.trainer import autocast_context, resolve_precision
-    from torch.utils.flop_counter import FlopCounterMode
 
     num_classes = args.num_classes
     cfg = bench_config(args, device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from cellseg.checkpoint import CheckpointManager, collect_state, read_ledger
 from cellseg.checkpoint.atomic import (
     atomic_write_bytes,

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from cellseg.checkpoint import canonical_state_dict, canonicalize, load_weights, strip_wrappers, unwrap_model
 from cellseg.checkpoint.keys import canonical_key, canonical_names, lora_prefixes_from_keys, model_key_map
 from cellseg.model.network import build_model
-from torch import nn
 
 PREFIXES = ["", "module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module.", "module.module.",
             "_orig_mod._orig_mod.module.", "module._orig_mod.module._orig_mod."]

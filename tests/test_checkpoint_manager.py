@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+
 from cellseg.checkpoint import (
     CheckpointManager,
     CorruptCheckpoint,

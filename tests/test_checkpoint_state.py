@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+
 from cellseg.checkpoint import collect_rng, collect_state, restore_rng
 from cellseg.checkpoint.state import restore_training_state, to_plain
 from cellseg.config import Config

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+
 from cellseg.checkpoint import CheckpointManager, collect_state
 from cellseg.checkpoint.sidecar import sidecar_path
 from cellseg.commands import ckpt

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
+from torch import nn
+
 from cellseg.cli import main as cli_main
 from cellseg.data.cache import write_manifest, write_sample
 from cellseg.data.targets import hv_maps
 from cellseg.evaluation import evaluate_model, save_prediction
 from cellseg.report import collapse_alarm, error_crops, overlay, report_markdown, write_report
-from scipy import ndimage as ndi
-from torch import nn
 
 CLASSES = ["round", "square"]
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
+from torch import nn
+
 from cellseg.data.targets import hv_maps
 from cellseg.inference import (
     TTA_TRANSFORMS,
@@ -18,8 +21,6 @@ from cellseg.inference import (
     tile_starts,
 )
 from cellseg.metrics import pair_table, panoptic_counts
-from scipy import ndimage as ndi
-from torch import nn
 
 
 class PointwiseModel(nn.Module):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from toydata import FakeCheckpoints
 
 from cellseg.config import resolve_config
 from cellseg.data import CellDataset, prepare_dataset
@@ -21,6 +20,7 @@ from cellseg.optim import configure_phase
 from cellseg.runtime import RunContext, seed_everything
 from cellseg.training.trainer import Trainer
 from cellseg.training.validation import run_validation
+from toydata import FakeCheckpoints
 
 CLASSES = ["RBC", "WBC", "Platelet"]
 

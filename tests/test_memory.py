@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from torch import nn
+
 from cellseg.config import Config, replace, resolve_config
 from cellseg.losses import loss_from_config
 from cellseg.memory import (
@@ -28,7 +30,6 @@ from cellseg.model.backbones import ViTBackbone
 from cellseg.model.decoders import DECODERS
 from cellseg.model.network import CellSegModel
 from cellseg.optim import configure_phase, count_params
-from torch import nn
 
 BASE = dict(ENCODER="test_vit", ENCODER_WEIGHTS="", DECODER_WIDTH=16, PATCH_SIZE=64, BATCH_SIZE=2,
             GRAD_ACCUM_TARGET=0, PRECISION="fp32", LORA_R=4, LORA_ALPHA=8, DEVICE="cpu")

@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from scipy.optimize import linear_sum_assignment
+
 from cellseg.metrics import (
     drop_ignored,
     evaluate_instances,
@@ -19,7 +21,6 @@ from cellseg.metrics import (
 from cellseg.metrics.aggregate import average_over_images
 from cellseg.metrics.assignment import assign_max_weight
 from cellseg.metrics.semantic import confusion_counts, iou_dice_per_class
-from scipy.optimize import linear_sum_assignment
 
 
 def disks(shape, centres, radii, ids=None) -> np.ndarray:

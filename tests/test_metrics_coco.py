@@ -10,11 +10,12 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import tifffile
-from cellseg.metrics import evaluate_instances, image_detections, pair_table, precision_curve
-from cellseg.metrics.coco import average_precision
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy import ndimage as ndi
+
+from cellseg.metrics import evaluate_instances, image_detections, pair_table, precision_curve
+from cellseg.metrics.coco import average_precision
 
 TOL = 1e-6
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-from cellseg.metrics import aji_plus_totals, aji_totals, pair_table, panoptic_counts
-from cellseg.metrics.aji import ratio
 from scipy import ndimage as ndi
 from scipy.optimize import linear_sum_assignment
+
+from cellseg.metrics import aji_plus_totals, aji_totals, pair_table, panoptic_counts
+from cellseg.metrics.aji import ratio
 
 TOL = 1e-6
 

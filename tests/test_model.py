@@ -8,7 +8,7 @@ import torch
 
 from cellseg.branches import Branch
 from cellseg.model import build_model
-from cellseg.model.backbones import UNI_KWARGS, build_backbone, default_indices
+from cellseg.model.backbones import UNI_KWARGS, default_indices
 
 
 @pytest.mark.parametrize("encoder", ["test_vit", "test_resnet", "test_efficientnet"])

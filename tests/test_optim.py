@@ -100,12 +100,11 @@ def test_runtime_guards(tmp_path):
 def test_tensorboard_missing_is_explained(tmp_path, monkeypatch):
     import builtins
 
-    from toydata import FakeCheckpoints, ToyDataset
-
+    from cellseg.distributed import DistEnv
     from cellseg.losses import loss_from_config
     from cellseg.runtime import RunContext
     from cellseg.training.trainer import Trainer
-    from cellseg.distributed import DistEnv
+    from toydata import FakeCheckpoints, ToyDataset
 
     real_import = builtins.__import__
 

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 import tifffile
+from scipy import ndimage as ndi
+
 from cellseg.data.targets import hv_maps
 from cellseg.metrics import pair_table, panoptic_counts
 from cellseg.postprocess import (
@@ -18,7 +20,6 @@ from cellseg.postprocess import (
     resolve_params,
     tune_postprocess,
 )
-from scipy import ndimage as ndi
 
 
 def disks(shape, centres, radii) -> np.ndarray:

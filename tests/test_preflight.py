@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from cellseg.checkpoint import CheckpointManager, collect_state
 from cellseg.checkpoint.sidecar import sidecar_path
 from cellseg.cli import main as cli_main

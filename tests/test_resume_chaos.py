@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from cellseg.checkpoint import read_ledger, read_sidecar
 
 TESTS = Path(__file__).resolve().parent

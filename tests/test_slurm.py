@@ -21,6 +21,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+
 from conftest_slurm import slurm_cluster  # noqa: F401  (module-scoped fixture)
 from slurm_cluster import (
     SlurmCluster,

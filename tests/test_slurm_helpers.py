@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from cellseg import slurm_helpers as sh
 from cellseg.slurm_helpers import Outcome, SlurmHelperError
 

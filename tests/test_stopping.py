@@ -15,6 +15,7 @@ import time
 from datetime import datetime, timedelta
 
 import pytest
+
 from cellseg.stopping import StopRequest, any_rank, parse_deadline, read_run_status, write_run_status
 
 

@@ -11,7 +11,6 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from toydata import FakeCheckpoints, ToyDataset
 
 from cellseg.config import resolve_config
 from cellseg.distributed import DistEnv
@@ -20,6 +19,7 @@ from cellseg.model import build_model_from_config
 from cellseg.optim import build_optimizer, configure_phase, count_params, param_groups
 from cellseg.runtime import RunContext
 from cellseg.training.trainer import Trainer, accumulation_steps, epoch_plan
+from toydata import FakeCheckpoints, ToyDataset
 
 BASE = dict(ENCODER="test_vit", ENCODER_WEIGHTS="", DECODER_WIDTH=8, PATCH_SIZE=32, DEVICE="cpu", NUM_WORKERS=0,
             BATCH_SIZE=2, GRAD_ACCUM_TARGET=0, EPOCHS=1, PRECISION="fp32", LOG_EVERY=1000, SCHEDULER="constant",

@@ -6,15 +6,12 @@ vertical distance to the instance's centre of mass) and NC (per-pixel class, bac
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Branch(str, Enum):
+class Branch(StrEnum):
     """Keys of model outputs, targets and losses. A ``str`` enum, so ``out["np"] is out[Branch.NP]``."""
 
     NP = "np"
     HV = "hv"
     NC = "nc"
-
-    def __str__(self) -> str:
-        return self.value

@@ -35,7 +35,7 @@ def training_summary(summary: dict, cfg) -> str:
             [f"best {cfg.MONITOR_METRIC}", summary["best_metric"]], ["best epoch", summary["best_epoch"]],
             ["checkpoints", str(cfg.checkpoint_dir())], ["history", str(cfg.phase_dir() / "history.jsonl")],
             ["curves", str(cfg.phase_dir() / "*.png")]]
-    return _table(rows, ["Phase %d" % cfg.PHASE, ""])
+    return _table(rows, [f"Phase {cfg.PHASE}", ""])
 
 
 def metrics_table(metrics: dict) -> str:

@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     times = run_workflow(args.run_dir, params, kernel=args.kernel)
     run_dir = Path(args.run_dir)
-    print("\n[cellseg] done in %.0f s (%s)" % (time.perf_counter() - t0,
-                                              ", ".join(f"{k} {v:.0f}s" for k, v in times.items())))
+    steps = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+    print(f"\n[cellseg] done in {time.perf_counter() - t0:.0f} s ({steps})")
     print(f"[cellseg] executed notebooks: {run_dir / 'notebooks'}")
     print(f"[cellseg] checkpoints:        {run_dir / 'checkpoints'}")
     print(f"[cellseg] metrics:            {run_dir / 'eval' / 'metrics.json'}")

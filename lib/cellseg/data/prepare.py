@@ -13,7 +13,7 @@ import multiprocessing
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -405,7 +405,7 @@ def _manifest(
         "image_sizes": {key(r): r["size"] for r in results},
         "image_counts": {key(r): [int(n) for n in r["counts"]] for r in results},
         "checksums": {key(r): r["checksums"] for r in results},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": str(root.resolve()) if root is not None else f"{source.dataset} (embedded generator)",
         "fingerprint": digest,
         "parameters": {
