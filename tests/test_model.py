@@ -118,3 +118,20 @@ def test_frozen_encoder_runs_without_graph_and_stays_in_eval():
     feats = model.encoder(torch.randn(1, 3, 64, 64))
     out = model(torch.randn(1, 3, 64, 64))
     assert out[Branch.NP].requires_grad and not feats[0].requires_grad
+
+
+def test_shape_only_build_needs_no_weights_file(tmp_path):
+    """Login-node uses (ckpt check, preflight, memory) build UNI's architecture without its gated weights."""
+    with torch.device("meta"):
+        m = build_model("uni", num_classes=3, weights=str(tmp_path / "absent.bin"), load_weights=False)
+    assert m.arch["encoder"] == "uni" and m.arch["encoder_channels"] == [1024] * 4
+    assert m.encoder.core.blocks[0].ls1.gamma.shape == (1024,)  # UNI's LayerScale, as in the real file
+
+
+def test_ckpt_check_skeleton_for_uni_without_its_weights(tmp_path):
+    from cellseg.commands.ckpt import build_network_skeleton
+    from cellseg.config import resolve_config
+
+    cfg = resolve_config({"ENCODER": "uni", "ENCODER_WEIGHTS": str(tmp_path / "absent.bin"), "PHASE": 2})
+    model = build_network_skeleton(cfg, 3)
+    assert model.arch_info()["lora"]["r"] == cfg.LORA_R and model.arch["encoder"] == "uni"

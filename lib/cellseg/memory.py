@@ -640,29 +640,12 @@ def build_skeleton(cfg: Config, num_classes: int, device: str | torch.device = "
     """The network the parameters describe, set up for ``cfg.PHASE`` (frozen / LoRA / unfrozen, gradient
     checkpointing), with random weights and built on ``device`` ('meta': shapes only, no memory). UNI / UNI2-h get
     their architecture without their weights file, so the estimate and the benchmark run anywhere."""
-    from cellseg.model.backbones import FOUNDATION_MODELS, ViTBackbone, default_indices
     from cellseg.model.network import build_model
     from cellseg.optim import configure_phase
 
     with torch.device(device):
-        if cfg.ENCODER in FOUNDATION_MODELS:  # build_model insists on the weights file: same network, random core
-            import timm
-
-            from cellseg.model.decoders import DECODERS
-
-            arch_name, kwargs = FOUNDATION_MODELS[cfg.ENCODER][0], FOUNDATION_MODELS[cfg.ENCODER][1]()
-            core = timm.create_model(arch_name, pretrained=False, **kwargs)
-            indices = list(cfg.ENCODER_INDICES) or default_indices(len(core.blocks))
-            # build_model's own fingerprint layout, from a tiny ViT with the same decoder; encoder fields replaced
-            stand_in = build_model("test_vit", num_classes=num_classes, decoder=cfg.DECODER, width=cfg.DECODER_WIDTH)
-            backbone = ViTBackbone(core, indices)
-            decoder = DECODERS[cfg.DECODER](backbone.family, backbone.out_channels, num_classes, cfg.DECODER_WIDTH)
-            model = type(stand_in)(backbone, decoder, {
-                **stand_in.arch, "encoder": cfg.ENCODER, "encoder_channels": list(backbone.out_channels),
-                "encoder_strides": list(backbone.strides), "encoder_indices": list(backbone.indices)})
-        else:
-            model = build_model(cfg.ENCODER, num_classes=num_classes, decoder=cfg.DECODER, weights="",
-                                indices=list(cfg.ENCODER_INDICES), width=cfg.DECODER_WIDTH)
+        model = build_model(cfg.ENCODER, num_classes=num_classes, decoder=cfg.DECODER, weights=cfg.ENCODER_WEIGHTS,
+                            indices=list(cfg.ENCODER_INDICES), width=cfg.DECODER_WIDTH, load_weights=False)
         configure_phase(model, cfg)
     return model
 

@@ -149,7 +149,7 @@ def build_network_skeleton(cfg: Any, num_classes: int):
     from cellseg.model.network import build_model_from_config
 
     with torch.device("meta"):
-        model = build_model_from_config(cfg, num_classes=num_classes)
+        model = build_model_from_config(cfg, num_classes=num_classes, load_weights=False)
         if cfg.PHASE == 2 and model.encoder.family == "vit":
             apply_lora(model, r=cfg.LORA_R, alpha=cfg.LORA_ALPHA, dropout=cfg.LORA_DROPOUT,
                        targets=list(cfg.LORA_TARGETS), blocks=cfg.LORA_BLOCKS)

@@ -126,7 +126,8 @@ def _load_weights(core: nn.Module, path: Path, encoder: str) -> None:
     log.info("loaded encoder weights from %s (strict, %d tensors)", path, len(state))
 
 
-def build_backbone(encoder: str, weights: str = "", indices: list[int] | None = None) -> nn.Module:
+def build_backbone(encoder: str, weights: str = "", indices: list[int] | None = None, *,
+                   load_weights: bool = True) -> nn.Module:
     """Create the encoder named by ``ENCODER``.
 
     Args:
@@ -134,15 +135,17 @@ def build_backbone(encoder: str, weights: str = "", indices: list[int] | None = 
             ('resnet50', 'efficientnet_b4', ...).
         weights: local state-dict file, or '' / 'none' for random init. Required for 'uni' and 'uni2'.
         indices: ViT blocks whose tokens feed the decoder; empty = four evenly spaced blocks.
+        load_weights: False builds the same architecture with random weights and never touches ``weights`` (for
+            shape-only uses on a login node: compatibility checks, memory estimates).
 
     Raises:
         FileNotFoundError: the weights file is missing (says where to get it).
         ValueError: the encoder name is unknown to timm.
     """
-    weights = "" if weights in ("", "none", "None") else weights
+    weights = "" if weights in ("", "none", "None") or not load_weights else weights
     if encoder in FOUNDATION_MODELS:
         arch, kwargs = FOUNDATION_MODELS[encoder][0], FOUNDATION_MODELS[encoder][1]()
-        if not weights:
+        if not weights and load_weights:
             raise FileNotFoundError(f"ENCODER='{encoder}' needs its weights: set ENCODER_WEIGHTS. {UNI_WEIGHTS_HINT}")
     else:
         if not timm.is_model(encoder):

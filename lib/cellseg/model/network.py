@@ -54,7 +54,7 @@ class CellSegModel(nn.Module):
 
 
 def build_model(encoder: str, *, num_classes: int, decoder: str = "hovernet", weights: str = "",
-                indices: list[int] | None = None, width: int = 64) -> CellSegModel:
+                indices: list[int] | None = None, width: int = 64, load_weights: bool = True) -> CellSegModel:
     """Build encoder + decoder from the parameters ``ENCODER``, ``DECODER``, ``ENCODER_WEIGHTS``, ``ENCODER_INDICES``,
     ``DECODER_WIDTH``; ``num_classes`` counts cell classes without background.
 
@@ -65,7 +65,7 @@ def build_model(encoder: str, *, num_classes: int, decoder: str = "hovernet", we
         raise ValueError(f"DECODER must be one of {list(DECODERS)}, got '{decoder}'.")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1 (cell classes, background excluded), got {num_classes}.")
-    backbone = build_backbone(encoder, weights, indices)
+    backbone = build_backbone(encoder, weights, indices, load_weights=load_weights)
     head = DECODERS[decoder](backbone.family, backbone.out_channels, num_classes, width)
     arch = {
         "encoder": encoder,
@@ -81,7 +81,7 @@ def build_model(encoder: str, *, num_classes: int, decoder: str = "hovernet", we
     return CellSegModel(backbone, head, arch)
 
 
-def build_model_from_config(cfg, num_classes: int) -> CellSegModel:
+def build_model_from_config(cfg, num_classes: int, *, load_weights: bool = True) -> CellSegModel:
     """:func:`build_model` with the values of a :class:`cellseg.config.Config`."""
     return build_model(cfg.ENCODER, num_classes=num_classes, decoder=cfg.DECODER, weights=cfg.ENCODER_WEIGHTS,
-                       indices=list(cfg.ENCODER_INDICES), width=cfg.DECODER_WIDTH)
+                       indices=list(cfg.ENCODER_INDICES), width=cfg.DECODER_WIDTH, load_weights=load_weights)
