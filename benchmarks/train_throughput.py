@@ -4,7 +4,7 @@ model, and model FLOPs utilisation (MFU), one switch at a time.
 Usage (see benchmarks/README.md and the commands in benchmarks/RESULTS.md):
     python benchmarks/train_throughput.py --tiny                                  # CPU smoke run (test_vit, 64 px)
     python benchmarks/train_throughput.py --phase 2 --image-size 256 --batch-size 8 --precision bf16 --compile
-    python benchmarks/train_throughput.py --phase 2 --memory-cap-gb 12 --batch-size 8   # the 12 GB check
+    python benchmarks/train_throughput.py --phase 2 --memory-cap-gb 11.5 --batch-size 16   # the 12 GB check
     python benchmarks/train_throughput.py --mode inference --image-size 256 --batch-size 16 --pp-workers 8
     python benchmarks/train_throughput.py --memory-table                           # memory model vs measured (CPU)
 
@@ -14,8 +14,9 @@ into data / forward (network + loss) / backward / optimizer (clipping, AdamW, ze
 ``torch.cuda.synchronize()`` around each part on a GPU. FLOPs of forward + backward are counted once with
 ``torch.utils.flop_counter.FlopCounterMode`` (on the CPU its registry lacks the CPU flash-attention kernel, so
 attention FLOPs are left out there); MFU = FLOPs / mean step time / the device's dense bf16 peak (fp16 on GPUs
-without bf16; none on CPUs). On a GPU the peak is ``torch.cuda.max_memory_allocated``; on the CPU the script
-reports the saved-tensor bytes measured with ``saved_tensors_hooks`` against the memory model's prediction.
+without bf16; none on CPUs). The peak is ``torch.cuda.max_memory_allocated`` on a GPU and the CPU allocator's
+peak over one more step on the CPU (every allocation recorded by ``torch.profiler``), next to the memory model's
+prediction, with the bytes kept for backward (``saved_tensors_hooks``) against the predicted ones.
 Each run appends one markdown row, with the exact command, to ``--results`` (default benchmarks/RESULTS.md).
 """
 
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from cellseg.config import Config, resolve_config
-from cellseg.memory import GiB, MemoryModel, MiB, build_skeleton, measure_step_saved
+from cellseg.memory import GiB, MemoryModel, MiB, build_skeleton, measure_step_peak, measure_step_saved
 
 SECTION = "## Training and inference throughput (`benchmarks/train_throughput.py`)"
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -107,7 +108,7 @@ def random_batch(b: int, size: int, num_classes: int, device: torch.device, seed
     batch = {"image": torch.randn(b, 3, size, size, generator=g), "np": fg.long(),
              "hv": torch.rand(b, 2, size, size, generator=g) * 2 - 1,
              "nc": fg.long() * torch.randint(1, num_classes + 1, (b, size, size), generator=g),
-             "ignore": torch.zeros(b, size, size, dtype=torch.bool)}
+             "ignore": torch.zeros(b, size, size, dtype=torch.bool), "inst_map": fg.long()}
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -175,7 +176,8 @@ def train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         _sync(device)
         t1 = time.perf_counter()
         with autocast_context(precision, device):
-            loss = loss_fn(net(x), batch)["total"]
+            out = net(x)  # held to the end of the step, as the Trainer holds it
+            loss = loss_fn(out, batch)["total"]
         _sync(device)
         t2 = time.perf_counter()
         (scaler.scale(loss) if scaler else loss).backward()
@@ -190,6 +192,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        del out
         _sync(device)
         t4 = time.perf_counter()
         if record:
@@ -214,6 +217,9 @@ def train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
     saved = measure_step_saved(model, loss_fn, batch, precision=precision)["total"]
+    if device.type == "cpu":  # the CPU allocator's peak over one more step (torch.profiler)
+        measured_peak = measure_step_peak(net, loss_fn, batch, optimizer, precision=precision,
+                                          clip=cfg.GRAD_CLIP)["peak"]
     predicted = None
     if args.no_grad_encoder:  # the memory model describes the training set-up, not the half-freeze
         meta = build(cfg, args, torch.device("meta"), num_classes)
@@ -329,10 +335,8 @@ def row(args: argparse.Namespace, r: dict, command: str) -> str:
         return (f"| {label(args, r)} | {r['net_tiles_s']:.1f} | {r['pp_tiles_s']:.1f} ({args.pp_workers} workers) | "
                 f"{r['overlap_tiles_s']:.1f} | {r['batch_ms']:.1f} | {_mem(r['measured_peak'])} | `{command}` |")
     s, pred = r["split_ms"], r["predicted"]
-    if r["measured_peak"] is not None:
-        measured, predicted = f"{_mem(r['measured_peak'])} peak", f"{_mem(pred.allocated)} peak" if pred else "n/a"
-    else:
-        measured, predicted = f"{_mem(r['saved'])} saved", f"{_mem(pred.saved)} saved" if pred else "n/a"
+    measured = f"{_mem(r['measured_peak'])} peak ({_mem(r['saved'])} saved)"
+    predicted = f"{_mem(pred.allocated)} peak ({_mem(pred.saved)} saved)" if pred else "n/a"
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no peak rate)"
     return (f"| {label(args, r)} | {r['images_per_s']:.2f} | {r['step_ms']:.1f} | {s['data']:.1f} | "
             f"{s['forward']:.1f} | {s['backward']:.1f} | {s['optimizer']:.1f} | {measured} | {predicted} | "
@@ -373,6 +377,7 @@ MEMORY_CASES: list[dict[str, Any]] = [
     dict(PHASE=2, LORA_BLOCKS="last_half"), dict(PHASE=2, LORA_TARGETS=["qkv", "fc2"]),
     dict(PHASE=2, PRECISION="bf16", GRAD_CHECKPOINTING=True), dict(PHASE=1, ENCODER="test_resnet"),
     dict(PHASE=2, ENCODER="test_resnet"), dict(PHASE=2, ENCODER="test_resnet", PRECISION="bf16"),
+    dict(PHASE=2, ENCODER="test_resnet", GRAD_ACCUM_TARGET=4), dict(PHASE=2, PRECISION="bf16", GRAD_ACCUM_TARGET=6),
     dict(PHASE=2, ENCODER="vit_small_patch16_224", PATCH_SIZE=160),
     dict(PHASE=2, ENCODER="vit_small_patch16_224", PATCH_SIZE=160, PRECISION="bf16"),
     dict(PHASE=2, ENCODER="vit_small_patch16_224", PATCH_SIZE=160, PRECISION="bf16", GRAD_CHECKPOINTING=True),
@@ -381,15 +386,46 @@ MEMORY_CASES: list[dict[str, Any]] = [
 ]
 
 
+def step_peak(model: torch.nn.Module, loss_fn: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Config,
+              device: torch.device) -> int:
+    """Allocated bytes at the peak of a training step (GRAD_ACCUM_TARGET's micro-batches), the second of two (the
+    optimizer's states exist)."""
+    from cellseg.optim import build_optimizer
+    from cellseg.training.trainer import accumulation_steps, autocast_context
+
+    optimizer = build_optimizer(model, cfg)
+    accumulation = accumulation_steps(cfg, world_size=1)
+    if device.type == "cpu":
+        return measure_step_peak(model, loss_fn, batch, optimizer, precision=cfg.PRECISION, clip=cfg.GRAD_CLIP,
+                                 accumulation=accumulation)["peak"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for i in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        if i:
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(accumulation):
+            with autocast_context(cfg.PRECISION, device):
+                out = model(batch["image"])
+                loss = loss_fn(out, batch)["total"]
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.GRAD_CLIP)
+        optimizer.step()
+        del out, loss
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
 def memory_table(device: torch.device) -> list[str]:
-    """Predicted vs measured saved bytes (``saved_tensors_hooks``, unique storages) of one training step, for the
-    whole step and for the encoder alone, on small models in several configurations."""
+    """Predicted vs measured bytes of one training step on small models in several configurations: the allocated
+    peak of the whole step, and the bytes autograd keeps (``saved_tensors_hooks``, unique storages) for the step
+    and for the encoder alone."""
     from cellseg.losses import loss_from_config
     from cellseg.memory import measure_saved_bytes, model_tensors
     from cellseg.training.trainer import autocast_context
 
-    rows = ["| configuration | step: measured | step: predicted | error | encoder: measured | encoder: predicted | "
-            "error |", "|---|---|---|---|---|---|---|"]
+    rows = ["| configuration | peak: measured | peak: predicted | error | saved: measured | saved: predicted | "
+            "error | encoder saved: measured | encoder saved: predicted | error |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = dict(ENCODER="test_vit", ENCODER_WEIGHTS="", DECODER_WIDTH=16, PATCH_SIZE=64, BATCH_SIZE=2,
                 GRAD_ACCUM_TARGET=0, PRECISION="fp32", LORA_R=4, LORA_ALPHA=8, DEVICE=device.type)
     for case in MEMORY_CASES:
@@ -417,7 +453,9 @@ def memory_table(device: torch.device) -> list[str]:
         else:
             err = f"{100 * (pred_enc / encoder - 1):+.2f}%" if encoder else ("exact" if not pred_enc else "n/a")
             enc = f"{encoder:,} | {pred_enc:,} | {err}"
-        rows.append(f"| {name}, {cfg.PATCH_SIZE} px, batch {cfg.BATCH_SIZE} | {measured:,} | {est.saved:,} | "
+        peak = step_peak(model, loss_from_config(cfg, 2).to(device), batch, cfg, device)
+        rows.append(f"| {name}, {cfg.PATCH_SIZE} px, batch {cfg.BATCH_SIZE} | {peak:,} | {est.allocated:,} | "
+                    f"{100 * (est.allocated / peak - 1):+.2f}% | {measured:,} | {est.saved:,} | "
                     f"{100 * (est.saved / measured - 1):+.2f}% | {enc} |")
     return rows
 

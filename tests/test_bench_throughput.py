@@ -42,9 +42,10 @@ def test_tiny_training_run_end_to_end(tmp_path):
     images_per_s, step_ms = float(cells[1]), float(cells[2])
     assert images_per_s > 0 and step_ms > 0
     assert abs(sum(float(c) for c in cells[3:7]) - step_ms) < 0.05 * step_ms + 0.2  # the split adds up
-    measured, predicted = cells[7], cells[8]
-    assert measured.endswith("saved") and predicted.endswith("saved")
-    assert float(measured.split()[0]) == pytest.approx(float(predicted.split()[0]), rel=0.02)
+    measured, predicted = cells[7].split(), cells[8].split()  # "<peak> MiB peak (<saved> MiB saved)"
+    assert measured[1:3] == predicted[1:3] == ["MiB", "peak"] and measured[-1] == predicted[-1] == "saved)"
+    assert float(measured[0]) == pytest.approx(float(predicted[0]), rel=0.05)  # the CPU allocator's peak
+    assert float(measured[3].strip("(")) == pytest.approx(float(predicted[3].strip("(")), rel=0.02)
     assert float(cells[9]) > 0 and cells[10] == "n/a (no peak rate)"  # GFLOP/step counted, no CPU peak rate
     assert row in proc.stdout
 
@@ -93,8 +94,9 @@ def test_memory_rows_compare_prediction_and_measurement(bench, monkeypatch):
     rows = bench.memory_table(torch.device("cpu"))
     assert len(rows) == 4
     for row in rows[2:]:
-        error = float(row.split("|")[4].strip().rstrip("%"))
-        assert abs(error) < 1.0
+        cells = [c.strip() for c in row.split("|")]
+        peak_error, saved_error = float(cells[4].rstrip("%")), float(cells[7].rstrip("%"))
+        assert abs(peak_error) < 5.0 and abs(saved_error) < 1.0
     assert "shared outputs counted in the decoder" in rows[3]
 
 

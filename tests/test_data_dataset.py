@@ -17,6 +17,7 @@ from cellseg.data import AugmentConfig, CellDataset, prepare_dataset, sample_wei
 from cellseg.data.cache import MANIFEST, load_manifest
 from cellseg.data.targets import hv_maps
 from cellseg.imageops import denormalize_image
+from cellseg.memory import TARGET_BYTES_PER_PIXEL
 
 OFF = dict(flip=0.0, rot90=0.0, affine=0.0, elastic=0.0, colour=0.0, hed=0.0, blur=0.0, noise=0.0)
 
@@ -48,6 +49,9 @@ def test_item_contract(cache: Path) -> None:
         "index": ((), torch.int64),
     }
     assert {k: (tuple(v.shape), v.dtype) for k, v in item.items()} == expected
+    # the memory model counts the targets the training loop holds per pixel
+    targets = sum(v.numel() * v.element_size() for k, v in item.items() if k not in ("image", "index"))
+    assert targets == TARGET_BYTES_PER_PIXEL * 48 * 48
     assert int(item["index"]) == 1
     assert (
         set(item["np"].unique().tolist()) <= {0, 1}

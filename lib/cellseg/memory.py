@@ -1,31 +1,37 @@
 """The memory model: peak GPU memory of one training step, predicted before a job is queued.
 
-Peak training memory is parameters + gradients + AdamW states (trainable parameters only) + the tensors autograd keeps
-for the backward pass + a transient working set at the start of the backward pass + framework overhead. The tensors
-kept for backward are not a rule of thumb here: the network the parameters describe is built on the meta device (no
+Peak training memory is parameters + AdamW states (trainable parameters only) + the batch and the network's outputs
++ the tensors autograd keeps for the backward pass + the backward pass's largest excess over them + framework
+overhead. None of it is a rule of thumb: the network the parameters describe is built on the meta device (no
 memory, any timm ViT / CNN, LoRA applied by the same :func:`cellseg.optim.configure_phase` as training) and its
 forward pass is replayed *symbolically*, op by op, following what autograd saves for each op (``Linear`` keeps its
 input only when its weight trains and its weight only when its input needs a gradient, ``Conv`` keeps both, norms
 keep their input and two statistics, fused SDPA keeps q, k, v, the output and a log-sum-exp, i.e. O(N) not O(N^2)),
 which dtype autocast gives each tensor on the target device (CUDA runs LayerNorm / GroupNorm / softmax in fp32, the CPU
 in the input dtype; frozen weights are cast per use and their low-precision copy is kept for backward, trainable
-ones are cached), and which storages are shared (views, in-place ReLU). So:
+ones are cached), and which storages are shared (views, in-place ReLU). Every op is logged, so the backward pass
+is replayed too, in reverse: each op allocates its inputs' gradients while its output's is alive (plus its kernel's
+working copies for convolutions), a saved storage is freed after the backward of the first op that kept it, an
+activation's gradient after its producer's backward, parameters' gradients stay. So:
 
 - Phase 1 (frozen encoder under ``no_grad``): nothing of the encoder is kept, only the decoder's tensors.
 - Phase 2 with LoRA: every block after the first adapted one keeps its activations; with gradient checkpointing
-  only each block's input is kept and one block is recomputed at a time during backward (a transient).
+  only each block's input is kept and a block's saves come back while the backward pass goes through it.
 - CNN encoders trained in Phase 2 have no common closed form: their saved bytes are counted once on the CPU on a
-  small reference input and scaled with batch x pixels (exact for convolutional networks).
-- The loss keeps per-pixel tensors (one-hot maps, softmax outputs, Sobel gradients); they are counted once on a
-  32x32 batch and scaled with batch x pixels.
+  small reference input and scaled with batch x pixels (exact for convolutional networks); the replay treats the
+  CNN as one op.
+- The loss keeps per-pixel tensors (one-hot maps, softmax outputs, Sobel gradients); they, and its backward pass's
+  peak, are counted once on a 32x32 batch and scaled with batch x pixels.
 
-Validated against :func:`measure_saved_bytes` (``torch.autograd.graph.saved_tensors_hooks``, unique storages) on the
-CPU for tiny models (``tests/test_memory.py``, ``benchmarks/RESULTS.md``). Not yet checked on a GPU: the CUDA autocast
-rules (from PyTorch's autocast op lists), the CUDA context size and the allocator slack below, and the backward
-transient (twice the largest activation plus the skips' gradients); ``benchmarks/train_throughput.py`` prints the
-prediction next to ``torch.cuda.max_memory_allocated`` and ``--memory-table --device cuda`` checks the saved tensors.
-The estimate is for eager execution: ``torch.compile`` usually keeps less (AOTAutograd recomputes cheap pointwise
-ops), so it is conservative there.
+Validated on the CPU for tiny models (``tests/test_memory.py``, ``benchmarks/RESULTS.md``): the saved tensors
+against :func:`measure_saved_bytes` (``torch.autograd.graph.saved_tensors_hooks``, unique storages), and the whole
+step's peak against the CPU allocator's, every allocation and free of a step recorded by ``torch.profiler``
+(:func:`measure_step_peak`). Not yet checked on a GPU: the CUDA autocast rules (from PyTorch's autocast op lists),
+cuDNN's workspaces (taken as the CPU kernels' working copies), the CUDA context size and the allocator slack below;
+``benchmarks/train_throughput.py`` prints the prediction next to ``torch.cuda.max_memory_allocated``. The estimate
+is for eager execution. Under ``torch.compile`` the peak differs: AOTAutograd recomputes cheap pointwise ops, but
+Inductor lays out its own buffers. For the tiny CPU model the compiled step peaked 7 % above the eager prediction
+(``benchmarks/RESULTS.md``); this has not been measured on a GPU.
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ from __future__ import annotations
 import functools
 import math
 import re
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cellseg.branches import Branch
 from cellseg.config import Config
@@ -52,6 +60,10 @@ CUDA_CONTEXT_BYTES = 512 * MiB
 # The caching allocator rounds and splits blocks: reserved memory exceeds the allocated peak by a few to ~15 %;
 # cuBLAS / cuDNN workspaces come out of the same pool.
 ALLOCATOR_SLACK = 0.10
+
+# What a training batch carries per pixel besides the image (cellseg.data.dataset.CellDataset): np, nc and
+# inst_map as int64, hv as 2 x float32, ignore as bool.
+TARGET_BYTES_PER_PIXEL = 8 + 8 + 8 + 2 * 4 + 1
 
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "bool": 1}
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
@@ -106,14 +118,21 @@ def parse_gpu(spec: str) -> GPU:
 # ----------------------------------------------------------------------------------------------------- the estimate
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Predicted peak memory of one training step on one device, in bytes, per component."""
+    """Predicted peak memory of one training step on one device, in bytes, per component.
+
+    The peak falls in the backward pass: ``allocated`` = what lives through the whole step (parameters, optimizer
+    states, DDP buckets, the batch) + what autograd keeps at the end of the forward pass (``activations`` and
+    ``weight_casts``) + ``transient``, the backward pass's largest excess over that."""
 
     parameters: int  # every parameter, fp32 (autocast keeps fp32 master weights)
-    gradients: int  # trainable parameters' gradients (fp32), plus DDP's bucket copy with several devices
+    gradients: int  # trainable parameters' gradients (fp32), all alive from the end of backward to the next step
+    held_gradients: int  # with accumulation: the gradients of the earlier micro-batches, alive all through, else 0
+    buckets: int  # DDP's gradient buckets (a copy of the gradients) with several devices, else 0
     optimizer: int  # AdamW exp_avg + exp_avg_sq (fp32) and step counters
+    batch: int  # the batch's targets and image, and the network's outputs, held by the training loop
     activations: int  # tensors kept for backward at the end of the forward pass (input batch included)
     weight_casts: int  # low-precision weight copies kept for backward (bf16/fp16 only)
-    transient: int  # working set at the start of backward: gradient buffers, one recomputed block
+    transient: int  # backward's peak over the forward's end: gradients in flight and so far, recomputed blocks
     overhead: int  # CUDA context + allocator slack (0 on the CPU)
     activations_by_part: dict[str, int] = field(default_factory=dict)  # encoder / decoder / loss
     saved_by_part: dict[str, int] = field(default_factory=dict)  # activations + weight copies per part
@@ -122,8 +141,8 @@ class MemoryEstimate:
     @property
     def allocated(self) -> int:
         """What ``torch.cuda.max_memory_allocated`` should read."""
-        return (self.parameters + self.gradients + self.optimizer + self.activations + self.weight_casts
-                + self.transient)
+        return (self.parameters + self.held_gradients + self.buckets + self.optimizer + self.batch + self.activations
+                + self.weight_casts + self.transient)
 
     @property
     def total(self) -> int:
@@ -141,13 +160,20 @@ class MemoryEstimate:
                 f"{s.get('batch_size')} x {s.get('image_size')} px, {s.get('precision')}, gradient checkpointing "
                 f"{'on' if s.get('grad_checkpointing') else 'off'}, {s.get('device')}")
         rows = [("parameters", self.parameters, f"{s.get('params_total', 0):,} values, fp32"),
-                ("gradients", self.gradients, f"{s.get('params_trainable', 0):,} trainable values"),
-                ("optimizer (AdamW)", self.optimizer, "2 fp32 states per trainable value"),
+                ("optimizer (AdamW)", self.optimizer, f"2 fp32 states per trainable value "
+                                                      f"({s.get('params_trainable', 0):,})"),
+                ("batch + outputs", self.batch, "targets, image, network outputs"),
                 ("activations", self.activations, ", ".join(f"{k} {_fmt(v)}" for k, v in
                                                              self.activations_by_part.items())),
                 ("weight copies", self.weight_casts, "low-precision casts kept for backward"),
-                ("backward transient", self.transient, "gradient buffers, recomputed block"),
-                ("overhead", self.overhead, "CUDA context + allocator slack" if self.overhead else "none on CPU")]
+                ("backward", self.transient, f"peak over the forward's end: gradients in flight and so far "
+                                             f"(parameters' in all: {_fmt(self.gradients)})")]
+        if self.held_gradients:
+            rows.append(("gradients held", self.held_gradients, f"accumulated over {s.get('accumulation')} "
+                                                                 "micro-batches"))
+        if self.buckets:
+            rows.append(("DDP buckets", self.buckets, "a copy of the gradients"))
+        rows.append(("overhead", self.overhead, "CUDA context + allocator slack" if self.overhead else "none on CPU"))
         lines = [head] + [f"  {name:<20} {_fmt(v):>10}  {note}" for name, v, note in rows]
         lines.append(f"  {'allocated peak':<20} {_fmt(self.allocated):>10}  (torch.cuda.max_memory_allocated)")
         lines.append(f"  {'total':<20} {_fmt(self.total):>10}")
@@ -199,8 +225,11 @@ class _Tracer:
         self.grad_enabled = True
         self._next = 0
         self._cache: dict[int, _Sym] = {}  # autocast's cache of trainable weights' casts
-        self.largest = 0  # largest grad-requiring tensor created (bytes)
-        self.recompute = 0  # saves of the largest gradient-checkpointed block (recomputed during backward)
+        # the ops autograd records, in forward order, for the backward replay: (outputs, inputs that receive a
+        # gradient, checkpointed block id, working buffer of its backward), each tensor as (storage key, bytes)
+        self.ops: list[tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...], int, int]] = []
+        self.block = 0  # the gradient-checkpointed block being traced (0: none)
+        self.block_saved: dict[int, dict[int, tuple[int, str, str, int]]] = {}  # its saves, recomputed in backward
 
     # --- tensors
     def new(self, shape: tuple[int, ...], dtype: str, grad: bool, kind: str = "act") -> _Sym:
@@ -208,8 +237,6 @@ class _Tracer:
         grad = grad and self.grad_enabled
         t = _Sym(tuple(int(s) for s in shape), dtype, grad, self._next, 0, kind)
         t.storage = t.nbytes
-        if grad and kind == "act":
-            self.largest = max(self.largest, t.nbytes)
         return t
 
     def view(self, t: _Sym, shape: tuple[int, ...]) -> _Sym:
@@ -221,18 +248,29 @@ class _Tracer:
         return _Sym(tuple(p.shape), "f32", bool(p.requires_grad), -id(p), 0, "param")
 
     def save(self, *ts: _Sym | None) -> None:
+        """Keep ``ts`` for the backward of the op being traced (the next one :meth:`record` logs): the storage lives
+        until the backward of the first op that saved it has run."""
         for t in ts:
             if t is not None and t.kind != "param" and t.key not in self.saved and t.storage:
-                self.saved[t.key] = (t.storage, t.kind, self.part)
+                self.saved[t.key] = (t.storage, t.kind, self.part, len(self.ops))
+
+    def record(self, out: _Sym | list[_Sym], *ins: _Sym | None, work: int = 0) -> Any:
+        """Log an op whose output(s) ``out`` autograd will send a gradient through to ``ins``; ``work``: bytes its
+        backward kernel allocates for itself (freed when it returns)."""
+        outs = out if isinstance(out, list) else [out]
+        if self.grad_enabled and any(o.grad for o in outs):
+            sends = tuple((t.key, _grad_bytes(t)) for t in ins if t is not None and t.grad)
+            self.ops.append((tuple((o.key, _grad_bytes(o)) for o in outs), sends, self.block, work))
+        return out
 
     def cast(self, t: _Sym, dtype: str | None) -> _Sym:
         if dtype is None or t.dtype == dtype:
             return t
         if t.kind == "param" and t.grad and self.grad_enabled:  # autocast caches casts of trainable leaves
             if t.key not in self._cache:
-                self._cache[t.key] = self.new(t.shape, dtype, True, "wcast")
+                self._cache[t.key] = self.record(self.new(t.shape, dtype, True, "wcast"), t)
             return self._cache[t.key]
-        return self.new(t.shape, dtype, t.grad, "wcast" if t.kind == "param" else "act")
+        return self.record(self.new(t.shape, dtype, t.grad, "wcast" if t.kind == "param" else "act"), t)
 
     def needs(self, *ts: _Sym | None) -> bool:
         return self.grad_enabled and any(t is not None and t.grad for t in ts)
@@ -249,7 +287,7 @@ class _Tracer:
                 self.save(xi)
             if xi.grad:
                 self.save(wi)
-        return out
+        return self.record(out, xi, wi, b)
 
     def _lora_linear(self, x: _Sym, mod: nn.Module) -> _Sym:
         result = self.linear(x, mod.get_base_layer())
@@ -257,12 +295,13 @@ class _Tracer:
             if name not in mod.lora_A:
                 continue
             a_mod, b_mod = mod.lora_A[name], mod.lora_B[name]
-            xa = x if x.dtype == "f32" else self.new(x.shape, "f32", x.grad)  # peft casts to lora_A's dtype
+            xa = x if x.dtype == "f32" else self.record(self.new(x.shape, "f32", x.grad), x)  # peft: lora_A's dtype
             drop = mod.lora_dropout[name]
             d = self.dropout(xa, drop.p if isinstance(drop, nn.Dropout) else 0.0)
             lora = self.linear(self.linear(d, a_mod), b_mod)
-            scaled = self.new(lora.shape, lora.dtype, lora.grad)  # * scaling: nothing saved
-            result = self.new(result.shape, _promote(result.dtype, scaled.dtype), result.grad or scaled.grad)
+            scaled = self.record(self.new(lora.shape, lora.dtype, lora.grad), lora)  # * scaling: nothing saved
+            result = self.record(self.new(result.shape, _promote(result.dtype, scaled.dtype),
+                                          result.grad or scaled.grad), result, scaled)
         return result
 
     def conv(self, x: _Sym, mod: nn.Module) -> _Sym:
@@ -278,7 +317,9 @@ class _Tracer:
         out = self.new((x.shape[0], mod.out_channels, *hw), xi.dtype, self.needs(xi, w, b))
         if out.grad:
             self.save(xi, wi)  # convolution_backward is one formula: input and weight are kept together
-        return out
+        # its backward works on copies of its input and output gradient in the kernel's layout (oneDNN, measured
+        # on the CPU); on GPUs cuDNN's workspace takes their place: assumed of the same size, to be measured
+        return self.record(out, xi, wi, b, work=xi.nbytes + out.nbytes)
 
     def norm(self, x: _Sym, mod: nn.Module, stats_shape: tuple[int, ...]) -> _Sym:
         xi = self.cast(x, "f32") if self.low and self.device == "cuda" else x  # fp32 op on CUDA autocast
@@ -286,26 +327,26 @@ class _Tracer:
         out = self.new(x.shape, xi.dtype, self.needs(xi, w, b))
         if out.grad:
             self.save(xi, self.new(stats_shape, "f32", True), self.new(stats_shape, "f32", True))
-        return out
+        return self.record(out, xi, w, b)
 
     def relu(self, x: _Sym, inplace: bool) -> _Sym:
         out = x if inplace else self.new(x.shape, x.dtype, x.grad)
         if self.needs(out):
             self.save(out)
-        return out
+        return self.record(out, x)  # in place: the input's gradient is a new buffer, the output's is then freed
 
     def act(self, x: _Sym) -> _Sym:
         """GELU / SiLU: keep the input."""
         out = self.new(x.shape, x.dtype, x.grad)
         if self.needs(x):
             self.save(x)
-        return out
+        return self.record(out, x)
 
     def sigmoid(self, x: _Sym) -> _Sym:
         out = self.new(x.shape, x.dtype, x.grad)
         if self.needs(out):
             self.save(out)
-        return out
+        return self.record(out, x)
 
     def dropout(self, x: _Sym, p: float) -> _Sym:
         if p == 0:
@@ -313,7 +354,7 @@ class _Tracer:
         out = self.new(x.shape, x.dtype, x.grad)
         if self.needs(x):  # CUDA keeps a bool mask, the CPU a scaled mask in the input's dtype
             self.save(self.new(x.shape, "bool" if self.device == "cuda" else x.dtype, True))
-        return out
+        return self.record(out, x)
 
     def mul(self, a: _Sym, b: _Sym) -> _Sym:
         out = self.new(_broadcast(a.shape, b.shape), _promote(a.dtype, b.dtype), a.grad or b.grad)
@@ -321,19 +362,21 @@ class _Tracer:
             self.save(b)
         if self.needs(b):
             self.save(a)
-        return out
+        return self.record(out, a, b)
 
     def add(self, a: _Sym, b: _Sym) -> _Sym:
-        return self.new(_broadcast(a.shape, b.shape), _promote(a.dtype, b.dtype), a.grad or b.grad)
+        return self.record(self.new(_broadcast(a.shape, b.shape), _promote(a.dtype, b.dtype), a.grad or b.grad), a, b)
 
     def cat(self, ts: list[_Sym], dim: int) -> _Sym:
         shape = list(ts[0].shape)
         shape[dim] = sum(t.shape[dim] for t in ts)
-        return self.new(tuple(shape), _promote(*(t.dtype for t in ts)), any(t.grad for t in ts))
+        return self.record(self.new(tuple(shape), _promote(*(t.dtype for t in ts)), any(t.grad for t in ts)), *ts)
 
     def resize(self, x: _Sym, hw: tuple[int, int]) -> _Sym:
         """Bilinear ``upsample_to``: nothing kept (its backward needs only sizes)."""
-        return x if tuple(x.shape[-2:]) == tuple(hw) else self.new(x.shape[:2] + tuple(hw), x.dtype, x.grad)
+        if tuple(x.shape[-2:]) == tuple(hw):
+            return x
+        return self.record(self.new(x.shape[:2] + tuple(hw), x.dtype, x.grad), x)
 
     def sdpa(self, qkv: _Sym, heads: int, fused: bool) -> _Sym:
         """Self-attention on a packed (B, N, 3 * D) qkv tensor. Shape: -> (B, N, D)."""
@@ -345,23 +388,62 @@ class _Tracer:
             if self.needs(qkv):
                 pad = 32 if self.device == "cuda" and self.low is None else 1  # mem-efficient pads lse to 32
                 self.save(qkv, out, self.new((b, heads, -(-n // pad) * pad), "f32", True))
-            return out
+            return self.record(out, qkv)
         hd = d // heads  # timm's explicit path: q * scale, q @ k^T, softmax, @ v (k, v are copied to fold batches)
-        q = self.new((b * heads, n, hd), qkv.dtype, qkv.grad)
-        kt, v = self.new((b * heads, hd, n), qkv.dtype, qkv.grad), self.new((b * heads, n, hd), qkv.dtype, qkv.grad)
+        q = self.record(self.new((b * heads, n, hd), qkv.dtype, qkv.grad), qkv)
+        kt = self.record(self.new((b * heads, hd, n), qkv.dtype, qkv.grad), qkv)
+        v = self.record(self.new((b * heads, n, hd), qkv.dtype, qkv.grad), qkv)
         scores = self.new((b * heads, n, n), qkv.dtype, qkv.grad)
         if self.needs(qkv):
             self.save(q, kt)
+        self.record(scores, q, kt)
         s_in = self.cast(scores, "f32") if self.low and self.device == "cuda" else scores  # softmax: fp32 on CUDA
         probs = self.sigmoid(s_in)  # softmax keeps its result, as sigmoid does
         probs = self.cast(probs, self.low)
         out = self.new((b * heads, n, hd), probs.dtype, qkv.grad)
         if self.needs(qkv):
             self.save(probs, v)
-        return self.new((b, n, d), out.dtype, out.grad)  # transpose + reshape copies
+        self.record(out, probs, v)
+        return self.record(self.new((b, n, d), out.dtype, out.grad), out)  # transpose + reshape copies
 
     def sub(self) -> _SubTracer:
         return _SubTracer(self)
+
+    def replay_backward(self, outputs: list[_Sym], loss_peak: int, loss_after: int, *,
+                        grads_exist: bool = False) -> int:
+        """The largest increase of live memory over the end of the forward pass while the backward pass runs.
+
+        Ops run in reverse order (autograd's order on one device: the latest-recorded ready node first). At each
+        op the gradients it produces for its inputs are allocated while its output's gradient is still alive (a
+        parameter's gradient stays; an activation's is freed after its producer's backward), then the storages
+        whose first saver it is are freed. A checkpointed block's saves come back when the backward reaches the
+        block. The loss goes first: ``loss_peak`` is its own backward's peak over the end of the forward pass,
+        ``loss_after`` what remains when it is done (the outputs' gradients less its freed saves).
+        ``grads_exist``: the parameters' gradients are there from the start (accumulation after the first
+        micro-batch): new ones are added into them, nothing more stays."""
+        free_at: dict[int, int] = {}
+        for nbytes, _, _, idx in self.saved.values():
+            free_at[idx] = free_at.get(idx, 0) + nbytes
+        grads = {o.key: _grad_bytes(o) for o in outputs if o.grad}
+        if grads_exist:
+            grads.update((k, n) for _, ins, _, _ in self.ops for k, n in ins if k < 0)  # parameters' keys
+        live, peak, entered = loss_after, max(0, loss_peak, loss_after), set()
+        for i in range(len(self.ops) - 1, -1, -1):
+            outs, ins, block, work = self.ops[i]
+            if block and block not in entered:  # the checkpointed block is recomputed, its saves come back
+                entered.add(block)
+                for key, (nbytes, _, _, idx) in self.block_saved[block].items():
+                    if key not in self.saved:  # its input is kept by the checkpoint already
+                        live += nbytes
+                        free_at[idx] = free_at.get(idx, 0) + nbytes
+            out_keys, sends = {k for k, _ in outs}, dict(ins)
+            new = {k: n for k, n in sends.items() if k not in grads or k in out_keys}
+            peak = max(peak, live + sum(sends.values()) + work)  # a new gradient is added into an existing one
+            for k, _ in outs:
+                live -= grads.pop(k, 0)
+            grads.update(new)
+            live += sum(new.values()) - free_at.pop(i, 0)
+        return peak
 
 
 class _SubTracer:
@@ -373,11 +455,17 @@ class _SubTracer:
     def __enter__(self) -> _SubTracer:
         self.kept, self.parent.saved = self.parent.saved, {}
         self.cache, self.parent._cache = self.parent._cache, dict(self.parent._cache)
+        self.parent.block = len(self.parent.block_saved) + 1
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.bytes = sum(v[0] for v in self.parent.saved.values())
-        self.parent.saved, self.parent._cache = self.kept, self.cache
+        self.parent.block_saved[self.parent.block] = self.parent.saved
+        self.parent.saved, self.parent._cache, self.parent.block = self.kept, self.cache, 0
+
+
+def _grad_bytes(t: _Sym) -> int:
+    """Bytes of ``t``'s gradient: a parameter's is fp32 (``.grad``), an activation's has its storage's size."""
+    return 4 * math.prod(t.shape) if t.kind == "param" else t.storage
 
 
 def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
@@ -454,20 +542,20 @@ def _trace_vit(t: _Tracer, backbone: nn.Module, x: _Sym) -> list[_Sym]:
     # prefix tokens are concatenated and the resampled pos_embed added (fp32 parameters promote the stream to fp32);
     # interpolation, cat and add keep nothing
     fp32_stream = core.num_prefix_tokens > 0 or core.pos_embed is not None
-    tokens = t.new((b, n, d), "f32" if fp32_stream else h.dtype, h.grad)
+    tokens = t.record(t.new((b, n, d), "f32" if fp32_stream else h.dtype, h.grad), h, t.param(core.pos_embed),
+                      t.param(getattr(core, "cls_token", None)), t.param(getattr(core, "reg_token", None)))
     tokens = t.dropout(tokens, getattr(core.pos_drop, "p", 0.0))
     feats = []
     ckpt = bool(getattr(core, "grad_checkpointing", False)) and t.grad_enabled
     for i, blk in enumerate(core.blocks):
         if ckpt:
             t.save(tokens)  # non-reentrant checkpoint keeps each block's inputs ...
-            with t.sub() as sub:  # ... and recomputes the block's saves during backward, one block at a time
+            with t.sub():  # ... and recomputes the block's saves during backward, one block at a time
                 tokens = _vit_block(t, blk, tokens)
-            t.recompute = max(t.recompute, sub.bytes)
         else:
             tokens = _vit_block(t, blk, tokens)
         if i in backbone.indices:  # drop prefix tokens, NCHW, .contiguous(): a copy
-            feats.append(t.new((b, d, gh, gw), tokens.dtype, tokens.grad))
+            feats.append(t.record(t.new((b, d, gh, gw), tokens.dtype, tokens.grad), tokens))
     return feats
 
 
@@ -479,10 +567,9 @@ def _trace_neck(t: _Tracer, neck: nn.Module, image: _Sym, feats: list[_Sym]) -> 
     return [_trace_module(t, neck.stem, image)] + [_trace_module(t, lift, f) for lift, f in zip(neck.lifts, feats)]
 
 
-def _trace_decoder(t: _Tracer, dec: nn.Module, image: _Sym, feats: list[_Sym]) -> tuple[dict[str, _Sym], int]:
-    """Returns the three outputs and the bytes of the skips (their gradients accumulate over the branches)."""
+def _trace_decoder(t: _Tracer, dec: nn.Module, image: _Sym, feats: list[_Sym]) -> dict[str, _Sym]:
+    """The three outputs."""
     skips = _trace_neck(t, dec.neck, image, feats)
-    skip_bytes = sum(s.nbytes for s in skips)
     kind = type(dec).__name__
     if kind == "HoVerNetDecoder":
         outs = {}
@@ -491,7 +578,7 @@ def _trace_decoder(t: _Tracer, dec: nn.Module, image: _Sym, feats: list[_Sym]) -
             for block, skip in zip(dec.paths[br.value].blocks, reversed(skips[:-1])):
                 x = _trace_module(t, block, t.cat([t.resize(x, skip.shape[-2:]), skip], 1))
             outs[br.value] = t.conv(x, dec.heads[br.value])
-        return outs, skip_bytes
+        return outs
     if kind == "UNetResAttnDecoder":
         x = skips[-1]
         for gate, block, skip in zip(dec.gates, dec.blocks, reversed(skips[:-1])):
@@ -499,7 +586,7 @@ def _trace_decoder(t: _Tracer, dec: nn.Module, image: _Sym, feats: list[_Sym]) -
             g = t.relu(t.add(t.conv(skip, gate.wx), t.conv(x, gate.wg)), inplace=True)
             g = t.mul(skip, t.sigmoid(t.conv(g, gate.psi[1])))
             x = _res_se(t, block, t.cat([x, g], 1))
-        return {br.value: _trace_module(t, dec.heads[br.value], x) for br in Branch}, skip_bytes
+        return {br.value: _trace_module(t, dec.heads[br.value], x) for br in Branch}
     raise ValueError(f"the memory model knows the decoders HoVerNetDecoder and UNetResAttnDecoder, not {kind}.")
 
 
@@ -508,7 +595,7 @@ def _res_se(t: _Tracer, block: nn.Module, x: _Sym) -> _Sym:
     short = _trace_module(t, block.shortcut, x)
     y = t.relu(t.add(body, short), inplace=False)
     fc = block.se.fc  # Linear, ReLU, Linear, Sigmoid on the channel means
-    w = t.new(y.shape[:2], y.dtype, y.grad)
+    w = t.record(t.new(y.shape[:2], y.dtype, y.grad), y)  # channel means
     w = t.linear(w, fc[0])
     w = t.relu(w, fc[1].inplace)
     w = t.sigmoid(t.linear(w, fc[2]))
@@ -563,15 +650,108 @@ def measure_step_saved(model: nn.Module, loss_fn: nn.Module, batch: dict[str, to
     return {"model": sum(net.values()), "total": sum({**net, **in_loss}.values())}
 
 
+def measure_step_peak(model: nn.Module, loss_fn: nn.Module, batch: dict[str, torch.Tensor],
+                      optimizer: torch.optim.Optimizer, *, precision: str = "fp32", clip: float = 1.0,
+                      accumulation: int = 1) -> dict[str, int]:
+    """The CPU allocator's peak over one training step as the Trainer runs it (zero_grad, ``accumulation`` x
+    forward + loss under autocast + backward on ``batch``, clipping, optimizer step), in bytes: what
+    ``torch.cuda.max_memory_allocated`` reads on a GPU, to compare with :attr:`MemoryEstimate.allocated`.
+
+    One step runs first so that the optimizer's states exist, as they do from the second step of a training on;
+    the second is recorded with ``torch.profiler`` (``profile_memory=True``: every allocation and free of the
+    CPU allocator, kernels' own buffers included). Returns ``{'peak': baseline + largest excess, 'baseline':
+    parameters + buffers + optimizer states + batch, 'end_of_forward': excess when the first micro-batch's loss is
+    computed}``.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    if any(t.device.type != "cpu" for t in [*model_tensors(model), *batch.values()]):
+        raise ValueError("measure_step_peak measures the CPU allocator; on a GPU read "
+                         "torch.cuda.max_memory_allocated() (benchmarks/train_throughput.py does).")
+    low = {"bf16": "bf16", "fp16": "f16"}.get(precision)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        for k in range(accumulation):
+            with record_function(f"cellseg.forward.{k}"), _autocast(low):
+                out = model(batch["image"])  # held until the next one replaces it, as the Trainer holds it
+                loss = loss_fn(out, batch)["total"]
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, clip)
+        optimizer.step()
+        del out
+
+    model.train()
+    step()
+    optimizer.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = list(prof.profiler.kineto_results.events())
+    forward_end = max(e.end_ns() for e in events if e.name() == "cellseg.forward.0")
+    live = peak = at_forward_end = 0
+    for t, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+        if t <= forward_end:
+            at_forward_end = live
+    states = [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model_tensors(model), *states, *batch.values()]}
+    baseline = sum(storages.values())
+    return {"peak": baseline + peak, "baseline": baseline, "end_of_forward": at_forward_end}
+
+
 def _autocast(low: str | None, device_type: str = "cpu"):
     import contextlib
 
     return torch.autocast(device_type, dtype=_TORCH_DTYPES[low]) if low else contextlib.nullcontext()
 
 
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages that ops create while the mode is active and that are still alive, with their
+    peak (``live`` and ``peak``; storages that existed before, and views of them, are not counted). Forward and
+    backward ops on the calling thread are seen; allocations inside a kernel are not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._ptrs: set[int] = set()
+
+    def _free(self, ptr: int, nbytes: int) -> None:
+        self._ptrs.discard(ptr)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                ptr, nbytes = st.data_ptr(), st.nbytes()
+                if nbytes and ptr not in self._ptrs and ptr not in inputs:  # views / in-place: not a new storage
+                    self._ptrs.add(ptr)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(st, self._free, ptr, nbytes)
+        return out
+
+
+@dataclass(frozen=True)
+class _LossBytes:
+    """The loss per image pixel, counted on a 2 x 32 x 32 batch on the CPU: bytes it saves for backward, the
+    network outputs among them, and its backward's peak and end over the end of the forward pass."""
+
+    saved: float
+    outputs_saved: float
+    backward_peak: float
+    backward_after: float
+
+
 @functools.lru_cache(maxsize=64)
-def _loss_bytes_per_pixel(loss_key: tuple, num_classes: int, low: str | None) -> float:
-    """Saved bytes of the loss per image pixel, counted on a 2 x 32 x 32 batch on the CPU."""
+def _loss_bytes_per_pixel(loss_key: tuple, num_classes: int, low: str | None) -> _LossBytes:
     from cellseg.losses import HoVerLoss, LossWeights
 
     b, s = 2, 32
@@ -585,9 +765,18 @@ def _loss_bytes_per_pixel(loss_key: tuple, num_classes: int, low: str | None) ->
     batch = {Branch.NP.value: fg.long(), Branch.HV.value: torch.rand(b, 2, s, s, generator=gen) * 2 - 1,
              Branch.NC.value: fg.long() * torch.randint(1, num_classes + 1, (b, s, s), generator=gen),
              "ignore": torch.zeros(b, s, s, dtype=torch.bool)}
-    with _autocast(low):
-        _, n = measure_saved_bytes(lambda: loss_fn(outs, batch))
-    return n / (b * s * s)
+    live = LiveBytes()
+    with live:
+        with _autocast(low):
+            losses, saved = _saved_storages(lambda: loss_fn(outs, batch), ())
+        end = live.live
+        losses["total"].backward()
+        peak, after = live.peak, live.live
+    del losses
+    out_ptrs = {o.untyped_storage().data_ptr() for o in outs.values()}
+    px = b * s * s
+    return _LossBytes(sum(saved.values()) / px, sum(n for p, n in saved.items() if p in out_ptrs) / px,
+                      (peak - end) / px, (after - end) / px)
 
 
 def _loss_key(cfg: Config) -> tuple:
@@ -598,11 +787,10 @@ def _loss_key(cfg: Config) -> tuple:
 
 
 @functools.lru_cache(maxsize=16)
-def _cnn_saved_bytes(encoder: str, low: str | None, grad_checkpointing: bool) -> tuple[float, int, float]:
+def _cnn_saved_bytes(encoder: str, low: str | None, grad_checkpointing: bool) -> tuple[float, int]:
     """A trained CNN encoder's saved bytes as ``per_pixel * pixels + fixed`` (``fixed``: its cached low-precision
-    weight copies), fitted on the CPU on 2 images of 2 and of 4 x its size multiple, and its largest output per
-    pixel. Its outputs and (in fp32) its input are left to the decoder, which keeps them too, so that nothing is
-    counted twice."""
+    weight copies), fitted on the CPU on 2 images of 2 and of 4 x its size multiple. Its outputs and (in fp32) its
+    input are left to the decoder, which keeps them too, so that nothing is counted twice."""
     from cellseg.model.backbones import build_backbone
 
     torch.manual_seed(0)
@@ -616,10 +804,9 @@ def _cnn_saved_bytes(encoder: str, low: str | None, grad_checkpointing: bool) ->
             feats, saved = _saved_storages(lambda x=x: bb(x), model_tensors(bb) + ([x] if low is None else []))
         shared = sum(saved.get(f.untyped_storage().data_ptr(), 0) for f in feats)
         points.append((2 * side * side, sum(saved.values()) - shared))
-        largest = max(f.numel() * f.element_size() for f in feats) / (2 * side * side)
     (p1, s1), (p2, s2) = points
     per_pixel = (s2 - s1) / (p2 - p1)
-    return per_pixel, max(0, round(s1 - per_pixel * p1)), largest
+    return per_pixel, max(0, round(s1 - per_pixel * p1))
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -680,48 +867,60 @@ class MemoryModel:
         self.n_trainable = sum(p.numel() for p in trainable)
         self.n_tensors = len(trainable)
 
-    def estimate(self, batch_size: int | None = None) -> MemoryEstimate:
-        """The estimate at ``batch_size`` images per device per step (default BATCH_SIZE)."""
+    def estimate(self, batch_size: int | None = None, accumulation: int | None = None) -> MemoryEstimate:
+        """The estimate at ``batch_size`` images per device per micro-batch (default BATCH_SIZE) and
+        ``accumulation`` micro-batches per optimizer step (default: what GRAD_ACCUM_TARGET asks at that batch)."""
         cfg, b = self.cfg, batch_size or self.cfg.BATCH_SIZE
+        if accumulation is None:
+            target = cfg.GRAD_ACCUM_TARGET
+            accumulation = max(1, math.ceil(target / (b * self.world_size))) if target else 1
         model, t = self.model, _Tracer(self.device, self.low)
-        pixels = b * math.prod(self.image_hw)
+        px = b * self.image_size ** 2
         image = t.new((b, 3, *self.image_hw), "f32", False)  # the batch, reflect-padded to the encoder's multiple
         frozen = not any(p.requires_grad for p in model.encoder.parameters())
-        cnn_saved = cnn_fixed = cnn_largest = 0
         if model.encoder.family == "vit":
             t.grad_enabled = not frozen  # Phase 1: the encoder runs under no_grad
             feats = _trace_vit(t, model.encoder, image)
         else:
             shapes = _feature_shapes(model.encoder, b, self.image_hw)
             feats = [t.new(s, self.low or "f32", not frozen) for s in shapes]
-            if not frozen:
-                per_px, cnn_fixed, largest_px = _cnn_saved_bytes(cfg.ENCODER, self.low, bool(cfg.GRAD_CHECKPOINTING))
-                cnn_saved, cnn_largest = int(per_px * pixels), int(largest_px * pixels)
+            if not frozen:  # one op in the replay: its saves are freed and its gradients made at its backward
+                per_px, fixed = _cnn_saved_bytes(cfg.ENCODER, self.low, bool(cfg.GRAD_CHECKPOINTING))
+                for nbytes, kind in ((int(per_px * b * math.prod(self.image_hw)), "act"), (fixed, "wcast")):
+                    if nbytes:
+                        t.saved[t.new((1,), "f32", False).key] = (nbytes, kind, "encoder", len(t.ops))
+                weights = [p for p in model.encoder.parameters() if p.requires_grad]
+                t.record(feats, _Sym((sum(p.numel() for p in weights),), "f32", True, -1, 0, "param"))
         t.grad_enabled, t.part = True, "decoder"
-        _, skip_bytes = _trace_decoder(t, model.decoder, image, feats)
-        parts = {"encoder": cnn_saved, "decoder": 0}
-        casts = {"encoder": cnn_fixed, "decoder": 0}  # the CNN's cached weight casts (a few bytes of stats in fp32)
-        for nbytes, kind, part in t.saved.values():
+        outs = list(_trace_decoder(t, model.decoder, image, feats).values())
+        parts, casts = {"encoder": 0, "decoder": 0}, {"encoder": 0, "decoder": 0}
+        for nbytes, kind, part, _ in t.saved.values():
             (casts if kind == "wcast" else parts)[part] += nbytes
-        parts["loss"] = int(_loss_bytes_per_pixel(_loss_key(cfg), self.num_classes, self.low) * b
-                            * self.image_size ** 2)
+        loss = _loss_bytes_per_pixel(_loss_key(cfg), self.num_classes, self.low)
+        parts["loss"] = int(loss.saved * px)
         saved_by_part = {k: v + casts.get(k, 0) for k, v in parts.items()}
         casts = sum(casts.values())
+        image_held = 0 if image.key in t.saved and self.image_hw == (self.image_size,) * 2 else 12 * px
+        batch = TARGET_BYTES_PER_PIXEL * px + image_held + sum(o.storage for o in outs) - int(loss.outputs_saved * px)
+        transient = t.replay_backward(outs, int(loss.backward_peak * px), int(loss.backward_after * px),
+                                      grads_exist=accumulation > 1)
         params = 4 * self.n_total
-        grads = 4 * self.n_trainable * (2 if self.world_size > 1 else 1)
+        grads = 4 * self.n_trainable
+        held = grads if accumulation > 1 else 0
+        buckets = grads if self.world_size > 1 else 0
         optimizer = 8 * self.n_trainable + 4 * self.n_tensors
-        # at the start of backward: the gradients of an op's output and input (twice the largest tensor), the
-        # skips' gradients accumulating over the branch paths, and one recomputed block under checkpointing
-        transient = 2 * max(t.largest, cnn_largest) + skip_bytes + t.recompute
-        allocated = params + grads + optimizer + sum(parts.values()) + casts + transient
+        allocated = params + held + buckets + optimizer + batch + sum(parts.values()) + casts + transient
         overhead = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * allocated) if self.device == "cuda" else 0
         settings = {"encoder": cfg.ENCODER, "decoder": f"{cfg.DECODER} (width {cfg.DECODER_WIDTH})",
                     "phase": cfg.PHASE, "batch_size": b, "image_size": self.image_size, "precision": self.precision,
                     "grad_checkpointing": bool(cfg.GRAD_CHECKPOINTING), "device": self.device,
                     "params_total": self.n_total, "params_trainable": self.n_trainable,
-                    "world_size": self.world_size}
-        return MemoryEstimate(params, grads, optimizer, sum(parts.values()), casts, transient, overhead,
-                              parts, saved_by_part, settings)
+                    "world_size": self.world_size, "accumulation": accumulation}
+        return MemoryEstimate(parameters=params, gradients=grads, held_gradients=held, buckets=buckets,
+                              optimizer=optimizer, batch=batch,
+                              activations=sum(parts.values()), weight_casts=casts, transient=transient,
+                              overhead=overhead, activations_by_part=parts, saved_by_part=saved_by_part,
+                              settings=settings)
 
 
 def estimate_memory(cfg: Config, *, num_classes: int, device: str = "cuda", bf16_supported: bool = True,
@@ -753,9 +952,9 @@ def suggest_batch(cfg: Config, gpu_bytes: int, *, num_classes: int, bf16_support
                                      world_size=world_size)
     per_device = max(1, math.ceil(effective_batch(cfg) / world_size))
     for b in sorted((d for d in range(1, per_device + 1) if per_device % d == 0), reverse=True):
-        if mm.estimate(b).total <= gpu_bytes:
+        if mm.estimate(b, per_device // b).total <= gpu_bytes:
             return b, per_device // b
-    need = mm.estimate(1).total
+    need = mm.estimate(1, per_device).total
     raise DoesNotFit(
         f"ENCODER='{cfg.ENCODER}' Phase {cfg.PHASE} at PATCH_SIZE={cfg.PATCH_SIZE} ({mm.precision}, "
         f"GRAD_CHECKPOINTING={cfg.GRAD_CHECKPOINTING}) needs {need / GiB:.2f} GiB with one image per step, more than "
@@ -764,5 +963,6 @@ def suggest_batch(cfg: Config, gpu_bytes: int, *, num_classes: int, bf16_support
 
 
 __all__ = ["GPU", "GPUS", "parse_gpu", "MemoryEstimate", "MemoryModel", "DoesNotFit", "estimate_memory",
-           "suggest_batch", "effective_batch", "build_skeleton", "measure_saved_bytes", "model_tensors",
+           "suggest_batch", "effective_batch", "build_skeleton", "measure_saved_bytes", "measure_step_peak",
+           "model_tensors", "LiveBytes", "TARGET_BYTES_PER_PIXEL",
            "resolve_estimate_precision", "CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK"]
