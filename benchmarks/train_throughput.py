@@ -7,6 +7,7 @@ Usage (see benchmarks/README.md and the commands in benchmarks/RESULTS.md):
     python benchmarks/train_throughput.py --phase 2 --memory-cap-gb 11.5 --batch-size 16   # the 12 GB check
     python benchmarks/train_throughput.py --mode inference --image-size 256 --batch-size 16 --pp-workers 8
     python benchmarks/train_throughput.py --memory-table                           # memory model vs measured (CPU)
+    python benchmarks/train_throughput.py --cuda-rules-table                       # ... vs UNI on fake CUDA tensors
 
 The encoder defaults to UNI's architecture (ViT-L/16, ``init_values=1e-5``) with random weights, built by
 :func:`cellseg.memory.build_skeleton` on the target device, so no weights file is needed. Each timed step is split
@@ -460,6 +461,41 @@ def memory_table(device: torch.device) -> list[str]:
     return rows
 
 
+CUDA_RULES_CASES: list[dict[str, Any]] = [
+    dict(phase=1, image_size=256), dict(phase=1, image_size=512), dict(phase=2, image_size=256),
+    dict(phase=2, image_size=256, grad_checkpointing=True), dict(phase=2, image_size=256, fused_attn=False),
+    dict(phase=2, image_size=256, precision="fp32"), dict(phase=2, image_size=512),
+    dict(phase=2, image_size=512, grad_checkpointing=True), dict(phase=2, image_size=224, encoder="uni2"),
+]
+
+
+def cuda_rules_table() -> list[str]:
+    """The saved tensors the memory model predicts on a GPU (CUDA autocast rules) against the real network run on
+    fake CUDA tensors (``cellseg.memory.measure_cuda_saved``): UNI-sized configurations, batch 8, no GPU needed."""
+    from cellseg.memory import measure_cuda_saved
+
+    rows = ["| configuration | precision | attention | network saved: fake CUDA | network saved: predicted | error | "
+            "step saved: fake CUDA | step saved: predicted | error |", "|---|---|---|---|---|---|---|---|---|"]
+    for case in CUDA_RULES_CASES:
+        args = parse_args(["--batch-size", "8", "--precision", case.get("precision", "bf16"),
+                           "--phase", str(case["phase"]), "--image-size", str(case["image_size"]),
+                           "--encoder", case.get("encoder", "uni")]
+                          + (["--grad-checkpointing"] if case.get("grad_checkpointing") else [])
+                          + ([] if case.get("fused_attn", True) else ["--no-fused-attn"]))
+        cfg = bench_config(args, torch.device("cuda"))
+        meta = build(cfg, args, torch.device("meta"), args.num_classes)
+        measured = measure_cuda_saved(cfg, args.num_classes, model=meta, fused_attention=args.fused_attn)
+        est = MemoryModel(cfg, num_classes=args.num_classes, device="cuda", model=meta).estimate()
+        network = est.saved - est.saved_by_part["loss"]
+        kernel = ("flash" if cfg.PRECISION != "fp32" else "memory-efficient") if args.fused_attn else "explicit"
+        name = (f"{cfg.ENCODER}+{cfg.DECODER} P{cfg.PHASE} {cfg.PATCH_SIZE}px b8"
+                + (", ckpt" if cfg.GRAD_CHECKPOINTING else ""))
+        rows.append(f"| {name} | {cfg.PRECISION} | {kernel} | {measured['model']:,} | {network:,} | "
+                    f"{100 * (network / measured['model'] - 1):+.3f}% | {measured['total']:,} | {est.saved:,} | "
+                    f"{100 * (est.saved / measured['total'] - 1):+.3f}% |")
+    return rows
+
+
 def predict_rows(args: argparse.Namespace, gpus: list[str]) -> list[str]:
     """The memory model's prediction for the configuration on CUDA, and the batch x accumulation it suggests on
     each GPU for the effective batch ``--grad-accum-target`` (PRECISION 'auto' unless --precision is given)."""
@@ -497,6 +533,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="CPU smoke preset: test_vit + hovernet (width 16), 64 px, "
                                                        "batch 2, 3 timed steps after 1 warm-up, fp32")
     p.add_argument("--memory-table", action="store_true", help="memory model vs measured saved bytes (tiny models)")
+    p.add_argument("--cuda-rules-table", action="store_true",
+                   help="memory model vs UNI's network on fake CUDA tensors (saved bytes, no GPU needed)")
     p.add_argument("--predict", default="", metavar="GPU[,GPU...]",
                    help="print the memory model's prediction (no run) and its batch suggestion on these GPUs")
     p.add_argument("--grad-accum-target", type=int, default=16, help="effective batch for --predict's suggestion")
@@ -548,8 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     command = "python benchmarks/train_throughput.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if args.memory_table or args.predict:
-        rows = memory_table(device) if args.memory_table else predict_rows(args, args.predict.split(","))
+    if args.memory_table or args.cuda_rules_table or args.predict:
+        rows = (memory_table(device) if args.memory_table else cuda_rules_table() if args.cuda_rules_table
+                else predict_rows(args, args.predict.split(",")))
         print("\n".join(rows))
         return 0
     if args.memory_cap_gb:

@@ -106,3 +106,15 @@ def test_refusals(bench, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "cellseg.data", None)  # as if the data package were missing
     with pytest.raises(SystemExit, match="--data cache needs cellseg.data"):
         bench.main(["--tiny", "--data", "cache", "--no-append", "--results", str(tmp_path / "R.md")])
+
+
+def test_cuda_rules_rows_compare_prediction_and_fake_cuda(bench, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "CUDA_RULES_CASES", [dict(phase=2, image_size=64, encoder="test_vit"),
+                                                    dict(phase=1, image_size=64, encoder="test_vit",
+                                                         precision="fp32")])
+    assert bench.main(["--cuda-rules-table"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| test_vit")]
+    assert len(rows) == 2 and "| bf16 | flash |" in rows[0] and "| fp32 | memory-efficient |" in rows[1]
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")]
+        assert abs(float(cells[6].rstrip("%"))) < 0.01 and abs(float(cells[9].rstrip("%"))) < 0.5

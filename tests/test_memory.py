@@ -21,6 +21,7 @@ from cellseg.memory import (
     build_skeleton,
     effective_batch,
     estimate_memory,
+    measure_cuda_saved,
     measure_saved_bytes,
     measure_step_peak,
     measure_step_saved,
@@ -144,16 +145,18 @@ def _uni_encoder_bytes(b: int, precision: str) -> tuple[int, int]:
     bnd, bn = b * n * d, b * n
     if precision == "bf16":  # LayerNorm in fp32 on the fp32 residual stream, everything else in bf16
         # LoRA A's bf16 input, q/k/v, attention output, LN2 input (fp32), GELU input (bf16, 4D wide)
-        block0 = (2 + 6 + 2 + 4 + 8) * bnd + 2 * bn * r + 4 * b * h * n + 8 * bn
+        # + flash attention's RNG state: a (2,) seed and an offset, 8 bytes each
+        block0 = (2 + 6 + 2 + 4 + 8) * bnd + 2 * bn * r + 4 * b * h * n + 8 * bn + 24
         # + LN1 input (fp32) and the dropout's bool mask
-        block = (4 + 1 + 2 + 6 + 2 + 4 + 8) * bnd + 2 * bn * r + 4 * b * h * n + 16 * bn
+        block = (4 + 1 + 2 + 6 + 2 + 4 + 8) * bnd + 2 * bn * r + 4 * b * h * n + 16 * bn + 24
         # bf16 copies of the frozen qkv, proj, fc1, fc2 weights (and of LoRA B / A where the input needs a gradient)
         casts0 = 2 * (d + 4 * d + 4 * d) * d + 2 * 3 * d * r
         casts = 2 * (3 * d + d + 4 * d + 4 * d) * d + 2 * (3 * d * r + r * d)
         return block0 + (depth - 1) * block, casts0 + (depth - 1) * casts
     lse = 4 * b * h * -(-n // 32) * 32  # memory-efficient attention pads the log-sum-exp to 32
-    block0 = (4 + 12 + 4 + 4 + 16) * bnd + 4 * bn * r + lse + 8 * bn
-    block = (4 + 1 + 4 + 12 + 4 + 4 + 16) * bnd + 4 * bn * r + lse + 16 * bn
+    rng = 8 + 8  # its RNG seed and offset
+    block0 = (4 + 12 + 4 + 4 + 16) * bnd + 4 * bn * r + lse + 8 * bn + rng
+    block = (4 + 1 + 4 + 12 + 4 + 4 + 16) * bnd + 4 * bn * r + lse + 16 * bn + rng
     return block0 + (depth - 1) * block, 0
 
 
@@ -405,3 +408,47 @@ def test_measure_step_peak_refuses_gpu_tensors_with_a_pointer():
     model = build_skeleton(cfg, 2)  # meta tensors: not on the CPU
     with pytest.raises(ValueError, match="torch.cuda.max_memory_allocated"):
         measure_step_peak(model, loss_from_config(cfg, 2), batch_for(1, 64), build_optimizer(model, cfg))
+
+
+# ----- the CUDA rules without a GPU: the real network on fake CUDA tensors, CUDA autocast from PyTorch itself
+UNI = dict(ENCODER="uni", ENCODER_WEIGHTS="", GRAD_ACCUM_TARGET=0, LORA_R=8, LORA_ALPHA=16, PATCH_SIZE=256,
+           BATCH_SIZE=2, PRECISION="bf16")
+CUDA_CASES = [
+    dict(UNI, PHASE=2),
+    dict(UNI, PHASE=1),
+    dict(UNI, PHASE=2, GRAD_CHECKPOINTING=True),
+    dict(UNI, PHASE=2, PRECISION="fp32", PATCH_SIZE=224, BATCH_SIZE=1),  # memory-efficient attention, lse padded
+    dict(UNI, PHASE=2, PATCH_SIZE=512, BATCH_SIZE=1, LORA_BLOCKS="last_half"),
+    dict(UNI, PHASE=2, ENCODER="uni2", PATCH_SIZE=224, BATCH_SIZE=1),  # SwiGLU, register tokens
+    dict(BASE, PHASE=2, PRECISION="bf16", DECODER="unet_resattn"),
+    dict(BASE, PHASE=2, PRECISION="bf16", ENCODER="test_resnet"),
+]
+
+
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: ",".join(
+    f"{k}={v}" for k, v in c.items() if k in ("ENCODER", "PHASE", "PRECISION", "PATCH_SIZE", "GRAD_CHECKPOINTING",
+                                              "DECODER", "LORA_BLOCKS")))
+def test_cuda_rules_match_a_fake_cuda_forward(case):
+    """What the replay predicts a GPU keeps (CUDA autocast: LayerNorm / GroupNorm / softmax in fp32, bf16 weight
+    copies, flash or memory-efficient attention) against the network itself run on fake CUDA tensors: the network to
+    0.01 %, the step within 0.5 % (the loss's per-pixel bytes are counted on the CPU's rules)."""
+    cfg = resolve_config(case)
+    mm = MemoryModel(cfg, num_classes=3, device="cuda")
+    measured = measure_cuda_saved(cfg, 3, model=mm.model)
+    est = mm.estimate()
+    assert est.saved - est.saved_by_part["loss"] == pytest.approx(measured["model"], rel=1e-4)
+    assert est.saved == pytest.approx(measured["total"], rel=0.005)
+
+
+def test_fake_cuda_forward_with_explicit_attention_and_it_leaves_no_trace():
+    cfg = resolve_config(dict(UNI, PHASE=2))
+    meta = _explicit_attention(build_skeleton(cfg, 3))
+    measured = measure_cuda_saved(cfg, 3, model=meta, fused_attention=False)
+    est = MemoryModel(cfg, num_classes=3, device="cuda", model=meta).estimate()
+    assert est.saved - est.saved_by_part["loss"] == pytest.approx(measured["model"], rel=1e-4)
+    fused = measure_cuda_saved(cfg, 3, model=build_skeleton(cfg, 3))
+    assert measured["model"] > fused["model"] + 24 * 2 * 16 * 257 * 257 * 2  # at least the bf16 score matrices
+    # the skeleton stays on the meta device, SDPA and CUDA autocast are restored
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    assert torch.nn.functional.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+    assert not torch.is_autocast_enabled("cuda")

@@ -23,12 +23,14 @@ activation's gradient after its producer's backward, parameters' gradients stay.
 - The loss keeps per-pixel tensors (one-hot maps, softmax outputs, Sobel gradients); they, and its backward pass's
   peak, are counted once on a 32x32 batch and scaled with batch x pixels.
 
-Validated on the CPU for tiny models (``tests/test_memory.py``, ``benchmarks/RESULTS.md``): the saved tensors
+Validated (``tests/test_memory.py``, ``benchmarks/RESULTS.md``) on the CPU for tiny models: the saved tensors
 against :func:`measure_saved_bytes` (``torch.autograd.graph.saved_tensors_hooks``, unique storages), and the whole
 step's peak against the CPU allocator's, every allocation and free of a step recorded by ``torch.profiler``
-(:func:`measure_step_peak`). Not yet checked on a GPU: the CUDA autocast rules (from PyTorch's autocast op lists),
-cuDNN's workspaces (taken as the CPU kernels' working copies), the CUDA context size and the allocator slack below;
-``benchmarks/train_throughput.py`` prints the prediction next to ``torch.cuda.max_memory_allocated``. The estimate
+(:func:`measure_step_peak`). On the CUDA rules without a GPU: the saved tensors of the real network, UNI-sized
+included, run on fake CUDA tensors with CUDA autocast (:func:`measure_cuda_saved`), byte-exact. Not yet checked on a
+GPU: the backward pass's working set there, cuDNN's workspaces (taken as the CPU kernels' working copies), the CUDA
+context size and the allocator slack below; ``benchmarks/train_throughput.py`` prints the prediction next to
+``torch.cuda.max_memory_allocated``. The estimate
 is for eager execution. Under ``torch.compile`` the peak differs: AOTAutograd recomputes cheap pointwise ops, but
 Inductor lays out its own buffers. For the tiny CPU model the compiled step peaked 7 % above the eager prediction
 (``benchmarks/RESULTS.md``); this has not been measured on a GPU.
@@ -36,6 +38,8 @@ Inductor lays out its own buffers. For the tiny CPU model the compiled step peak
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import math
 import re
@@ -65,7 +69,7 @@ ALLOCATOR_SLACK = 0.10
 # inst_map as int64, hv as 2 x float32, ignore as bool.
 TARGET_BYTES_PER_PIXEL = 8 + 8 + 8 + 2 * 4 + 1
 
-_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "bool": 1}
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "bool": 1, "i64": 8}
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 
 
@@ -388,6 +392,9 @@ class _Tracer:
             if self.needs(qkv):
                 pad = 32 if self.device == "cuda" and self.low is None else 1  # mem-efficient pads lse to 32
                 self.save(qkv, out, self.new((b, heads, -(-n // pad) * pad), "f32", True))
+                if self.device == "cuda":  # the dropout RNG state: flash a (2,) seed + an offset, mem-efficient 2 x ()
+                    seed = (2,) if self.low else ()
+                    self.save(self.new(seed, "i64", True), self.new((), "i64", True))
             return self.record(out, qkv)
         hd = d // heads  # timm's explicit path: q * scale, q @ k^T, softmax, @ v (k, v are copied to fold batches)
         q = self.record(self.new((b * heads, n, hd), qkv.dtype, qkv.grad), qkv)
@@ -603,20 +610,25 @@ def _res_se(t: _Tracer, block: nn.Module, x: _Sym) -> _Sym:
 
 
 # ------------------------------------------------------------------------------- measured per-pixel constants
+def _storage_key(t: torch.Tensor) -> int:
+    """The identity of ``t``'s storage, shared by its views (fake tensors have no data pointer, so not that)."""
+    return t.untyped_storage()._cdata
+
+
 def _saved_storages(fn: Callable[[], Any], exclude: Iterable[torch.Tensor]) -> tuple[Any, dict[int, int]]:
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    kept: dict[int, torch.UntypedStorage] = {}  # holding the storages stops an address being reused mid-count
+    """Run ``fn``; the storages autograd saved meanwhile, ``{storage key: bytes}``, leaving out ``exclude``'s."""
+    skip = {_storage_key(t) for t in exclude}
+    kept: dict[int, torch.UntypedStorage] = {}  # holding the storages stops an identity being reused mid-count
 
     def pack(x: torch.Tensor) -> torch.Tensor:
         st = x.untyped_storage()
-        ptr = st.data_ptr()
-        if ptr not in skip and st.nbytes() and ptr not in kept:
-            kept[ptr] = st
+        if st._cdata not in skip and st.nbytes():
+            kept.setdefault(st._cdata, st)
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         result = fn()
-    return result, {ptr: st.nbytes() for ptr, st in kept.items()}
+    return result, {key: st.nbytes() for key, st in kept.items()}
 
 
 def measure_saved_bytes(fn: Callable[[], Any], *, exclude: Iterable[torch.Tensor] = ()) -> tuple[Any, int]:
@@ -696,10 +708,69 @@ def measure_step_peak(model: nn.Module, loss_fn: nn.Module, batch: dict[str, tor
         if t <= forward_end:
             at_forward_end = live
     states = [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+    storages = {_storage_key(t): t.untyped_storage().nbytes()
                 for t in [*model_tensors(model), *states, *batch.values()]}
     baseline = sum(storages.values())
     return {"peak": baseline + peak, "baseline": baseline, "end_of_forward": at_forward_end}
+
+
+def _fused_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, **_: Any) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` as a bf16-capable GPU runs it: flash attention for bf16 / fp16, the
+    memory-efficient kernel for fp32 (a fake device cannot choose: it would fall back to the O(N^2) math path)."""
+    if attn_mask is not None:
+        raise ValueError("the fake-CUDA measurement replays attention without a mask only.")
+    if q.dtype in (torch.bfloat16, torch.float16):
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal,
+                                                                  return_debug_mask=False, scale=scale)[0]
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, dropout_p, is_causal,
+                                                                  scale=scale)[0]
+
+
+def measure_cuda_saved(cfg: Config, num_classes: int, *, batch_size: int | None = None,
+                       model: nn.Module | None = None, fused_attention: bool = True) -> dict[str, int]:
+    """What autograd keeps on a CUDA device after the forward pass of one training step (network + loss under
+    CUDA autocast with ``cfg.PRECISION``), measured without a GPU: ``{'model': network only, 'total': network +
+    loss}``, unique storages, parameters and buffers left out; compare with :attr:`MemoryEstimate.saved` for
+    ``device='cuda'``.
+
+    The network (``model``, default :func:`build_skeleton`, on the meta device) is moved to fake CUDA tensors
+    (``torch._subclasses.FakeTensorMode``: shapes, dtypes and autograd's records, no memory, no computation), CUDA
+    autocast is switched on below ``torch.autocast`` (which refuses without a device), and with ``fused_attention``
+    SDPA runs the fused kernel a bf16-capable GPU picks (:func:`_fused_sdpa`). So the CUDA autocast rules and what
+    each op keeps come from PyTorch itself; the kernel choice of attention is the one assumption.
+    """
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from cellseg.losses import loss_from_config
+
+    b, size = batch_size or cfg.BATCH_SIZE, cfg.PATCH_SIZE
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_estimate_precision(cfg.PRECISION, "cuda"))
+    meta = copy.deepcopy(model) if model is not None else build_skeleton(cfg, num_classes)  # to_empty moves it
+    sdpa = mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_sdpa) if fused_attention \
+        else contextlib.nullcontext()
+    enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    with FakeTensorMode(allow_non_fake_inputs=True), sdpa:
+        net = meta.to_empty(device="cuda").train()
+        loss_fn = loss_from_config(cfg, num_classes).to("cuda")
+        with torch.device("cuda"):
+            labels = torch.zeros(b, size, size, dtype=torch.long)
+            batch = {"image": torch.empty(b, 3, size, size), Branch.NP.value: labels,
+                     Branch.HV.value: torch.empty(b, 2, size, size), Branch.NC.value: labels,
+                     "ignore": torch.zeros(b, size, size, dtype=torch.bool)}
+        skip = model_tensors(net)
+        torch.set_autocast_enabled("cuda", low is not None)
+        try:
+            if low is not None:
+                torch.set_autocast_dtype("cuda", low)
+            outputs, in_net = _saved_storages(lambda: net(batch["image"]), skip)
+            _, in_loss = _saved_storages(lambda: loss_fn(outputs, batch)["total"], skip)
+        finally:
+            torch.set_autocast_enabled("cuda", enabled)
+            torch.set_autocast_dtype("cuda", dtype)
+    return {"model": sum(in_net.values()), "total": sum({**in_net, **in_loss}.values())}
 
 
 def _autocast(low: str | None, device_type: str = "cpu"):
@@ -773,9 +844,9 @@ def _loss_bytes_per_pixel(loss_key: tuple, num_classes: int, low: str | None) ->
         losses["total"].backward()
         peak, after = live.peak, live.live
     del losses
-    out_ptrs = {o.untyped_storage().data_ptr() for o in outs.values()}
+    out_keys = {_storage_key(o) for o in outs.values()}
     px = b * s * s
-    return _LossBytes(sum(saved.values()) / px, sum(n for p, n in saved.items() if p in out_ptrs) / px,
+    return _LossBytes(sum(saved.values()) / px, sum(n for k, n in saved.items() if k in out_keys) / px,
                       (peak - end) / px, (after - end) / px)
 
 
@@ -802,7 +873,7 @@ def _cnn_saved_bytes(encoder: str, low: str | None, grad_checkpointing: bool) ->
         x = torch.randn(2, 3, side, side)
         with _autocast(low):
             feats, saved = _saved_storages(lambda x=x: bb(x), model_tensors(bb) + ([x] if low is None else []))
-        shared = sum(saved.get(f.untyped_storage().data_ptr(), 0) for f in feats)
+        shared = sum(saved.get(_storage_key(f), 0) for f in feats)
         points.append((2 * side * side, sum(saved.values()) - shared))
     (p1, s1), (p2, s2) = points
     per_pixel = (s2 - s1) / (p2 - p1)
@@ -964,5 +1035,6 @@ def suggest_batch(cfg: Config, gpu_bytes: int, *, num_classes: int, bf16_support
 
 __all__ = ["GPU", "GPUS", "parse_gpu", "MemoryEstimate", "MemoryModel", "DoesNotFit", "estimate_memory",
            "suggest_batch", "effective_batch", "build_skeleton", "measure_saved_bytes", "measure_step_peak",
+           "measure_cuda_saved",
            "model_tensors", "LiveBytes", "TARGET_BYTES_PER_PIXEL",
            "resolve_estimate_precision", "CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK"]
