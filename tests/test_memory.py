@@ -452,3 +452,11 @@ def test_fake_cuda_forward_with_explicit_attention_and_it_leaves_no_trace():
     assert all(p.device.type == "meta" for p in meta.parameters())
     assert torch.nn.functional.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
     assert not torch.is_autocast_enabled("cuda")
+
+
+def test_fake_cuda_attention_refuses_a_mask_by_name():
+    from cellseg.memory import _fused_sdpa
+
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="without a mask only"):
+        _fused_sdpa(q, q, q, attn_mask=torch.zeros(4, 4, dtype=torch.bool))

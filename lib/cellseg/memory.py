@@ -823,6 +823,7 @@ class _LossBytes:
 
 @functools.lru_cache(maxsize=64)
 def _loss_bytes_per_pixel(loss_key: tuple, num_classes: int, low: str | None) -> _LossBytes:
+    """:class:`_LossBytes` of the loss with these settings (``_loss_key``), autocast to ``low`` on the CPU."""
     from cellseg.losses import HoVerLoss, LossWeights
 
     b, s = 2, 32
