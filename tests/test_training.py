@@ -18,7 +18,8 @@ from cellseg.losses import loss_from_config
 from cellseg.model import build_model_from_config
 from cellseg.optim import build_optimizer, configure_phase, count_params, param_groups
 from cellseg.runtime import RunContext
-from cellseg.training.trainer import Trainer, accumulation_steps, epoch_plan
+from cellseg.training.plan import build_plan, split_block
+from cellseg.training.trainer import Trainer, accumulation_steps
 from toydata import FakeCheckpoints, ToyDataset
 
 BASE = dict(ENCODER="test_vit", ENCODER_WEIGHTS="", DECODER_WIDTH=8, PATCH_SIZE=32, DEVICE="cpu", NUM_WORKERS=0,
@@ -108,8 +109,17 @@ def test_no_weight_decay_on_norms_and_biases(tmp_path):
 
 
 def test_epoch_plan_and_accumulation():
-    assert epoch_plan(5, 2, 2, 0) == [[2, 2], [1]]
-    assert epoch_plan(10, 2, 2, 2) == [[2, 2], [2, 2]]
+    import numpy as np
+
+    assert build_plan(5, effective_batch=4, max_steps=0, seed=0).steps_per_epoch == 2
+    assert build_plan(10, effective_batch=4, max_steps=2, seed=0).steps_per_epoch == 2
+    block = np.arange(10, 15)  # a short last block of 5 images over 2 ranks, micro-batches of 2
+    assert split_block(block, 0, 2, 2) == [[10, 11], [12]] and split_block(block, 1, 2, 2) == [[13, 14]]
+    assert split_block(np.arange(1), 1, 2, 2) == [[]]  # an empty share: one weight-0 micro-batch
+    with pytest.raises(ValueError, match="training split is empty"):
+        build_plan(0, effective_batch=4, max_steps=0, seed=0)
+    with pytest.raises(ValueError, match="effective batch"):
+        build_plan(3, effective_batch=0, max_steps=0, seed=0)
     cfg = resolve_config({**BASE, "BATCH_SIZE": 2, "GRAD_ACCUM_TARGET": 8})
     assert accumulation_steps(cfg, 1) == 4 and accumulation_steps(cfg, 2) == 2
     assert accumulation_steps(resolve_config({**BASE}), 1) == 1

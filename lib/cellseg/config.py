@@ -60,7 +60,7 @@ class Config:
     LORA_DROPOUT: float = 0.1
     LORA_TARGETS: list = field(default_factory=lambda: ["qkv"])
     LORA_BLOCKS: str = "all"
-    CHECKPOINT_DIR: str = "checkpoints"
+    CHECKPOINT_DIR: str = ""
     PRECISION: str = "auto"
     OBJECT_DIAMETER: float = 100.0
     # --- training (01) ---
@@ -114,6 +114,7 @@ class Config:
     LOG_EVERY: int = 20
     TENSORBOARD: bool = False
     DETERMINISTIC: bool = False
+    ALLOW_CHANGES: list = field(default_factory=list)
     # --- evaluation (02) ---
     EVAL_PHASE: int = 2
     EVAL_CHECKPOINT: str = "best"
@@ -137,8 +138,13 @@ class Config:
         """Run outputs of a phase: history, curves, params.json."""
         return self.run_dir / f"phase{phase or self.PHASE}"
 
+    @property
+    def checkpoint_root(self) -> Path:
+        """``CHECKPOINT_DIR``, or ``RUN_DIR/checkpoints`` when empty: two runs never share checkpoints by accident."""
+        return Path(self.CHECKPOINT_DIR) if self.CHECKPOINT_DIR else self.run_dir / "checkpoints"
+
     def checkpoint_dir(self, phase: int | None = None) -> Path:
-        return Path(self.CHECKPOINT_DIR) / f"phase{phase or self.PHASE}"
+        return self.checkpoint_root / f"phase{phase or self.PHASE}"
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
@@ -253,6 +259,15 @@ def _check_value(name: str, value: Any) -> None:
         raise ConfigError(f"EVAL_SPLIT must be one of ['train', 'val', 'test'], got {value!r}. {_fix_hint(name)}")
     if name == "DEVICE" and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
         raise ConfigError(f"DEVICE must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}. {_fix_hint(name)}")
+    if name == "ALLOW_CHANGES" and value:
+        from cellseg.checkpoint.identity import allowed_change_names
+
+        allowed = allowed_change_names()
+        bad = [v for v in value if v not in allowed]
+        if bad:
+            raise ConfigError(f"ALLOW_CHANGES names differences from a checkpoint's run that RESUME may accept; "
+                              f"{bad} are not among them. Allowed: {allowed}. (Parameters not listed may change "
+                              f"freely.) {_fix_hint(name)}")
     if name == "RUN_DIR" and not value:
         raise ConfigError("RUN_DIR must not be empty: every output of a run goes under it.")
 
@@ -379,7 +394,7 @@ PARAM_HELP: dict[str, str] = {
     "LORA_DROPOUT": "Phase 2: dropout on the LoRA path",
     "LORA_TARGETS": "Phase 2: names of the encoder's Linear layers to adapt",
     "LORA_BLOCKS": "Phase 2: all | last_half | A-B | i,j,k (encoder blocks that get LoRA)",
-    "CHECKPOINT_DIR": "checkpoints go to CHECKPOINT_DIR/phase{N}/",
+    "CHECKPOINT_DIR": "checkpoints go to CHECKPOINT_DIR/phase{N}/; empty means RUN_DIR/checkpoints",
     "PRECISION": "auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16 (GradScaler)",
     "OBJECT_DIAMETER": "typical cell diameter in pixels; scales the post-processing (BCCD ~100, nuclei at 40x ~20)",
     "PHASE": "1: frozen encoder, decoder trains | 2: LoRA on the encoder (starts from Phase 1)",
@@ -432,6 +447,7 @@ PARAM_HELP: dict[str, str] = {
     "LOG_EVERY": "one log line every N optimizer steps",
     "TENSORBOARD": "also write TensorBoard event files under RUN_DIR/phase{N}/tensorboard",
     "DETERMINISTIC": "deterministic algorithms (bit-exact resumes on CPU; slower on GPU)",
+    "ALLOW_CHANGES": "names of run settings RESUME may accept as changed from the checkpoint's run; empty accepts none",
     "EVAL_PHASE": "phase whose checkpoint is evaluated",
     "EVAL_CHECKPOINT": "best | latest | path/to/file.pt",
     "EVAL_SPLIT": "train | val | test",

@@ -47,8 +47,7 @@ def run_workflow(run_dir: str | Path, params: dict, *, kernel: str = "cellseg", 
                  log_output: bool = False) -> dict[str, float]:
     """Run the notebooks in order; executed copies go to ``RUN_DIR/notebooks``. Returns seconds per step."""
     run_dir = Path(run_dir)
-    base = {**params, "RUN_DIR": str(run_dir)}
-    base.setdefault("CHECKPOINT_DIR", str(run_dir / "checkpoints"))
+    base = {**params, "RUN_DIR": str(run_dir)}  # checkpoints: CHECKPOINT_DIR, default RUN_DIR/checkpoints
     times = {}
     for name, extra, out_name in steps:
         t0 = time.perf_counter()

@@ -218,7 +218,8 @@ class CheckpointManager:
 
     def resume(self, mode: str, *, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any,
                scaler: Any, strict: bool = True, ignore_network: bool = False, merge_lora: bool = False,
-               force_recreate: bool = False, generators: dict[str, torch.Generator] | None = None) -> dict | None:
+               force_recreate: bool = False, generators: dict[str, torch.Generator] | None = None,
+               identity: dict | None = None, allow_changes: tuple[str, ...] = ()) -> dict | None:
         """Restore the newest valid checkpoint (``RESUME``: 'auto' | 'never' | a path). Returns its ``progress``, or
         None for a fresh start.
 
@@ -231,6 +232,10 @@ class CheckpointManager:
 
         Order (the optimizer and scheduler are built before the call): network weights, optimizer, scheduler (so
         the loaded learning rates survive), GradScaler, RNG states.
+
+        ``identity`` (:func:`cellseg.checkpoint.identity.run_identity`) is compared with the checkpoint's: a run
+        with other parameters, data, encoder weights or Phase 1 file is refused (:class:`IdentityMismatch`, a
+        kind of IncompatibleCheckpoint) unless ``allow_changes`` names each difference.
 
         Raises:
             IncompatibleCheckpoint: architecture, keys, optimizer parameters or scheduler differ (see the message).
@@ -257,7 +262,8 @@ class CheckpointManager:
             try:
                 payload, side, flags = self._examine(
                     path, model=model, optimizer=optimizer, scheduler=scheduler, strict=strict, merge_lora=merge_lora,
-                    ignore_network=ignore_network, require_sidecar=not explicit)
+                    ignore_network=ignore_network, require_sidecar=not explicit, identity=identity,
+                    allow_changes=allow_changes)
             except CorruptCheckpoint as e:
                 (log.info if e.reason == "missing" else log.warning)("RESUME: %s", e)
                 rejected.append((path, e.reason if not e.detail else f"{e.reason} ({e.detail})"))
@@ -316,7 +322,8 @@ class CheckpointManager:
         return progress
 
     def _examine(self, path: Path, *, model, optimizer, scheduler, strict: bool, merge_lora: bool,
-                 ignore_network: bool, require_sidecar: bool) -> tuple[dict, dict | None, tuple[bool, bool]]:
+                 ignore_network: bool, require_sidecar: bool, identity: dict | None = None,
+                 allow_changes: tuple[str, ...] = ()) -> tuple[dict, dict | None, tuple[bool, bool]]:
         """Validate one candidate; returns (payload, sidecar, (restore optimizer?, restore scheduler?)).
         Compatibility is decided from the sidecar before the payload is read; the hash is checked before
         ``torch.load``."""
@@ -345,6 +352,14 @@ class CheckpointManager:
                     "scheduler": {"kind": payload.get("scheduler_kind"), "interval": payload.get("scheduler_interval")}}
             flags = self._check(meta, model=model, optimizer=optimizer, scheduler=scheduler, strict=strict,
                                 merge_lora=merge_lora, path=path, network=not ignore_network)
+        if identity is not None:
+            from cellseg.checkpoint.identity import check_identity, identity_of_checkpoint
+
+            accepted = check_identity(identity_of_checkpoint(payload), identity, path=path,
+                                      checkpoint_dir=self.directory, allow_changes=allow_changes)
+            if accepted:
+                self.ledger_event("allowed_changes", file=str(path),
+                                  changes=[{"name": n, "checkpoint": a, "now": b} for n, a, b in accepted])
         return payload, side, flags
 
     def _check_phase(self, meta: dict, path: Path) -> None:

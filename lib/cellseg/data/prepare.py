@@ -417,4 +417,7 @@ def _manifest(
     if "tissues" in manifest:
         kept = set(manifest["image_sizes"])
         manifest["tissues"] = {k: v for k, v in manifest["tissues"].items() if k in kept}
+    from cellseg.data.provenance import content_fingerprint
+
+    manifest["content_fingerprint"] = content_fingerprint(manifest)  # what it holds (training records it)
     return manifest

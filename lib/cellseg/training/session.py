@@ -28,9 +28,10 @@ class TrainData:
 
 def load_training_data(cfg: Config) -> TrainData:
     """Open the prepared cache (written by notebooks/00_prepare_data.ipynb) for training and validation."""
-    from cellseg.data import CellDataset, load_manifest, sample_weights
+    from cellseg.data import CellDataset, sample_weights
+    from cellseg.data.provenance import check_cache
 
-    manifest = load_manifest(cfg.data_cache)
+    manifest = check_cache(cfg)  # refuses a cache prepared for other parameters (DATASET, DATA_ROOT, SEED, ...)
     names = list(manifest["class_names"])
     train = CellDataset(cfg.data_cache, "train", patch_size=cfg.PATCH_SIZE, augment=cfg.AUGMENT, seed=cfg.SEED,
                         class_names=names)
@@ -75,7 +76,19 @@ def build_trainer(cfg: Config, ctx: RunContext, model, data: TrainData):
                               precision_ctx=partial(autocast_context, precision, ctx.device))
 
     return Trainer(ctx, model, loss_fn, data.train, validate_fn=validate_fn, ckpt=ckpt, stop=stop,
-                   sample_weights=data.sample_weights)
+                   sample_weights=data.sample_weights, identity_facts=identity_facts(cfg, data.manifest))
+
+
+def identity_facts(cfg: Config, manifest: dict) -> dict:
+    """The run-identity facts the parameters do not pin down: the cache's content and, in Phase 2, the Phase 1 file
+    ``INIT_FROM`` names now (compared on resume: a re-run Phase 1 stops an old Phase 2 from continuing)."""
+    from cellseg.checkpoint.identity import phase1_source
+    from cellseg.data.provenance import cache_fingerprint
+
+    facts = {"dataset_fingerprint": cache_fingerprint(manifest)}
+    if cfg.PHASE == 2:
+        facts["phase1_sha256"] = phase1_source(cfg.checkpoint_dir(1), cfg.INIT_FROM).get("sha256", "none")
+    return facts
 
 
 def start_phase(cfg: Config, trainer) -> str:
@@ -89,6 +102,10 @@ def start_phase(cfg: Config, trainer) -> str:
 
         src = init_phase2(trainer.model, cfg.checkpoint_dir(1), cfg.INIT_FROM, strict=cfg.STRICT_LOAD,
                           merge_lora=cfg.MERGE_LORA, ledger_dir=cfg.checkpoint_dir(2))
+        if src is not None:  # lineage: the file actually loaded (best.pt may have been rejected for latest.pt)
+            from cellseg.checkpoint.identity import phase1_source
+
+            trainer.identity["facts"]["phase1_sha256"] = phase1_source(src.parent, str(src))["sha256"]
         return f"Phase 2 starts from {src}" if src else "Phase 2 starts from a fresh model (INIT_FROM='fresh')"
     return "Phase 1 starts fresh"
 

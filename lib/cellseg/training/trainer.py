@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 from cellseg.branches import Branch
 from cellseg.distributed import all_reduce_mean, any_true, barrier
 from cellseg.schedulers import build_scheduler, current_lrs
-from cellseg.training.sampler import EpochIndexed, EpochSampler
+from cellseg.training.plan import SamplePlan, StepBatchSampler, build_plan
+from cellseg.training.sampler import EpochIndexed
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,9 @@ def accumulation_steps(cfg, world_size: int) -> int:
     return max(1, math.ceil(cfg.GRAD_ACCUM_TARGET / (cfg.BATCH_SIZE * world_size)))
 
 
-def epoch_plan(n_per_rank: int, batch_size: int, accum: int, max_steps: int) -> list[list[int]]:
-    """Micro-batch sizes grouped per optimizer step for one epoch (the last group may be partial)."""
-    sizes = [min(batch_size, n_per_rank - s) for s in range(0, n_per_rank, batch_size)]
-    groups = [sizes[i:i + accum] for i in range(0, len(sizes), accum)]
-    return groups[:max_steps] if max_steps else groups
+def effective_batch(cfg, world_size: int) -> int:
+    """Images per optimizer step over all ranks: ``GRAD_ACCUM_TARGET``, or ``BATCH_SIZE`` x ranks without it."""
+    return cfg.GRAD_ACCUM_TARGET or cfg.BATCH_SIZE * world_size
 
 
 def param_checksum(model: torch.nn.Module) -> float:
@@ -74,13 +73,13 @@ def param_checksum(model: torch.nn.Module) -> float:
         return float(sum(p.detach().double().abs().sum().item() for p in model.parameters() if p.requires_grad))
 
 
-def make_loader(dataset, sampler: EpochSampler, cfg, *, batch_size: int, seed: int) -> DataLoader:
+def make_loader(dataset, sampler: StepBatchSampler, cfg, *, seed: int) -> DataLoader:
     """A DataLoader that works inside Jupyter kernels (forkserver workers, persistent) and whose worker seeds come
     from its own generator, never from the global RNG the model's dropout uses."""
     kw: dict = {}
     if cfg.NUM_WORKERS > 0:
         kw = dict(multiprocessing_context="forkserver", persistent_workers=True, prefetch_factor=2)
-    return DataLoader(EpochIndexed(dataset), batch_size=batch_size, sampler=sampler, num_workers=cfg.NUM_WORKERS,
+    return DataLoader(EpochIndexed(dataset), batch_sampler=sampler, num_workers=cfg.NUM_WORKERS,
                       pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed), **kw)
 
 
@@ -88,7 +87,8 @@ class Trainer:
     """One phase of training. ``ckpt`` is a :class:`cellseg.checkpoint.CheckpointManager`, ``stop`` a
     :class:`cellseg.stopping.StopRequest`; ``validate_fn(model, epoch) -> dict`` computes validation metrics."""
 
-    def __init__(self, ctx, model, loss_fn, train_ds, *, validate_fn, ckpt, stop, sample_weights=None):
+    def __init__(self, ctx, model, loss_fn, train_ds, *, validate_fn, ckpt, stop, sample_weights=None,
+                 identity_facts: dict | None = None):
         self.ctx, self.cfg, self.device = ctx, ctx.cfg, ctx.device
         cfg = self.cfg
         self.model = model.to(self.device)
@@ -99,12 +99,20 @@ class Trainer:
         self.precision = resolve_precision(cfg.PRECISION, self.device)
         self.patience = cfg.PATIENCE_P1 if cfg.PHASE == 1 else cfg.PATIENCE_P2
         env = ctx.env
-        self.sampler = EpochSampler(len(train_ds), seed=cfg.SEED, rank=env.rank, world_size=env.world_size,
-                                    weights=sample_weights)
-        self.loader = make_loader(train_ds, self.sampler, cfg, batch_size=cfg.BATCH_SIZE, seed=cfg.SEED)
+        # the sample plan depends on SEED, the images and the effective batch only (not BATCH_SIZE, not the ranks)
+        self.plan: SamplePlan = build_plan(len(train_ds), effective_batch=effective_batch(cfg, env.world_size),
+                                           max_steps=cfg.MAX_STEPS_PER_EPOCH, seed=cfg.SEED,
+                                           weighted=sample_weights is not None)
+        self.sampler = StepBatchSampler(self.plan, rank=env.rank, world_size=env.world_size,
+                                        batch_size=cfg.BATCH_SIZE, weights=sample_weights)
+        self.loader = make_loader(train_ds, self.sampler, cfg, seed=cfg.SEED)
         self.accum = accumulation_steps(cfg, env.world_size)
-        self.plan = epoch_plan(self.sampler.per_rank, cfg.BATCH_SIZE, self.accum, cfg.MAX_STEPS_PER_EPOCH)
-        self.steps_per_epoch = len(self.plan)
+        self.steps_per_epoch = self.plan.steps_per_epoch
+        from cellseg.checkpoint.identity import run_identity
+
+        # what this run is: compared with a checkpoint's before RESUME continues it
+        self.identity = run_identity(cfg, world_size=env.world_size, train_images=len(train_ds),
+                                     precision=self.precision, facts=identity_facts)
         from cellseg.optim import build_optimizer  # local: optim imports peft, slow to import
 
         self.optimizer = build_optimizer(self.model, cfg)
@@ -116,7 +124,8 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.USE_COMPILE:
             self.net = torch.compile(self.net)
-        self.progress = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "best_metric": None, "best_epoch": None,
+        self.progress = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "step_in_epoch": 0,
+                         "sample_plan": self.plan.to_dict(), "best_metric": None, "best_epoch": None,
                          "patience_counter": 0, "history": [], "epoch_sums": {}, "epoch_samples": 0,
                          "monitor": {"metric": cfg.MONITOR_METRIC, "mode": cfg.MONITOR_MODE}}
         self.stopped_reason: str | None = None
@@ -143,9 +152,11 @@ class Trainer:
         rng_ranks = collect_rng_all_ranks(generators) if self.ctx.env.distributed else None
         if not self.ctx.is_main:
             return None
-        return collect_state(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                             progress=self.progress, config=self.cfg.to_dict(), generators=generators,
-                             rng_ranks=rng_ranks)
+        state = collect_state(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                              progress=self.progress, config=self.cfg.to_dict(), generators=generators,
+                              rng_ranks=rng_ranks)
+        state["identity"] = self.identity  # plain types: what this run is (checked by RESUME='auto')
+        return state
 
     def resume(self) -> bool:
         """Restore from the phase's checkpoints according to ``RESUME``; True when something was restored."""
@@ -153,10 +164,15 @@ class Trainer:
         progress = self.ckpt.resume(cfg.RESUME, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                     scaler=self.scaler, strict=cfg.STRICT_LOAD,
                                     ignore_network=cfg.IGNORE_RESUME_NETWORK, merge_lora=cfg.MERGE_LORA,
-                                    force_recreate=cfg.FORCE_RECREATE, generators={"loader": self.loader.generator})
+                                    force_recreate=cfg.FORCE_RECREATE, generators={"loader": self.loader.generator},
+                                    identity=self.identity, allow_changes=tuple(cfg.ALLOW_CHANGES))
         if progress is None:
             return False
+        from cellseg.checkpoint.identity import check_resume_position
+
+        check_resume_position(progress, self.plan.to_dict(), where=str(self.ckpt.resumed_from or cfg.RESUME))
         self.progress.update(progress)
+        self.progress["sample_plan"] = self.plan.to_dict()
         log.info("resumed Phase %d at epoch %d, step %d (batch %d of the epoch), best %s=%s, patience %d/%d",
                  cfg.PHASE, self.progress["epoch"], self.progress["step"], self.progress["batch_in_epoch"],
                  cfg.MONITOR_METRIC, self.progress["best_metric"], self.progress["patience_counter"], self.patience)
@@ -181,18 +197,16 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> dict | None:
         """Train one epoch (or its remainder after a mid-epoch resume). Returns mean losses, or None when stopped."""
         cfg, p = self.cfg, self.progress
-        start_batch = p["batch_in_epoch"]
-        if start_batch == 0:
-            p["epoch_sums"], p["epoch_samples"] = {}, 0
-        groups = self.plan
-        done_groups = sum(1 for _ in _take_groups(groups, start_batch))
-        self.sampler.set_epoch(epoch, start=start_batch * cfg.BATCH_SIZE)
+        start_step = p.get("step_in_epoch", 0)
+        if start_step == 0:
+            p["epoch_sums"], p["epoch_samples"], p["batch_in_epoch"] = {}, 0, 0
+        n_steps, world = self.plan.steps_per_epoch, self.ctx.env.world_size
+        self.sampler.set_epoch(epoch, start_step=start_step)
         self.net.train()
         it = iter(self.loader)
         t0, seen = time.perf_counter(), 0
-        for g_idx in range(done_groups, len(groups)):
-            sizes = groups[g_idx]
-            n_group = sum(sizes)
+        for g_idx, (block, micro) in enumerate(self.sampler.steps(epoch, start_step), start=start_step):
+            sizes = [len(mb) for mb in micro]
             self.optimizer.zero_grad(set_to_none=True)
             for k, n_b in enumerate(sizes):
                 batch = {key: v.to(self.device, non_blocking=True) for key, v in next(it).items()}
@@ -203,7 +217,10 @@ class Trainer:
                 with (nullcontext() if sync else self.net.no_sync()), autocast_context(self.precision, self.device):
                     out = self.net(x)
                     losses = self.loss_fn(out, batch)
-                loss = losses["total"] * (n_b / n_group)  # the last partial group is scaled by its true size
+                # this micro-batch's share of the step's block (DDP averages over ranks, hence x world): the step's
+                # gradient is the mean over the block however it is split; an empty share (weight 0) only joins
+                # the all-reduce
+                loss = losses["total"] * (n_b * world / len(block))
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {p['step']}: "
                                              f"{ {k2: float(v.detach()) for k2, v in losses.items()} }. Lower the learning rate "
@@ -215,23 +232,26 @@ class Trainer:
                 seen += n_b
             stepped = self._optimizer_step()
             p["step"] += 1
+            p["step_in_epoch"] = g_idx + 1
             p["batch_in_epoch"] += len(sizes)
             if stepped:
                 self.scheduler.step_on_optimizer_step()
             if p["step"] % cfg.LOG_EVERY == 0 and self.ctx.is_main:
                 mean = p["epoch_sums"]["total"] / max(1, p["epoch_samples"])
                 lrs = current_lrs(self.optimizer)
-                log.info("epoch %d step %d/%d loss %.4f lr %s %.1f img/s", epoch, g_idx + 1, len(groups), mean,
+                log.info("epoch %d step %d/%d loss %.4f lr %s %.1f img/s", epoch, g_idx + 1, n_steps, mean,
                          " ".join(f"{k}={v:.2e}" for k, v in lrs.items()),
                          seen * self.ctx.env.world_size / max(1e-9, time.perf_counter() - t0))
             reason = self._check_stop()
             if reason is not None:
                 self._stop(reason)
                 return None
-            if cfg.SAVE_EVERY_STEPS and p["step"] % cfg.SAVE_EVERY_STEPS == 0 and g_idx < len(groups) - 1:
+            if cfg.SAVE_EVERY_STEPS and p["step"] % cfg.SAVE_EVERY_STEPS == 0 and g_idx < n_steps - 1:
                 self._save(epoch_end=False, is_best=False, reason="step")
-        means = {k: v / max(1, p["epoch_samples"]) for k, v in p["epoch_sums"].items()}
-        return all_reduce_mean(means)
+        # ranks may hold different image counts (a short last block): reduce sums and counts, then divide
+        sums = all_reduce_mean({**p["epoch_sums"], "__samples__": float(p["epoch_samples"])})
+        count = sums.pop("__samples__")
+        return {k: v / max(1e-12, count) for k, v in sums.items()}
 
     def _optimizer_step(self) -> bool:
         """Clip, step; returns False when AMP skipped the step (inf/nan gradients)."""
@@ -301,7 +321,7 @@ class Trainer:
             log.warning("CLASS COLLAPSE at epoch %d: classes present in the ground truth but never predicted: %s",
                         epoch, val["class_collapse"])
         p["history"].append(record)
-        p["epoch"], p["batch_in_epoch"] = epoch + 1, 0
+        p["epoch"], p["batch_in_epoch"], p["step_in_epoch"] = epoch + 1, 0, 0
         p["epoch_sums"], p["epoch_samples"] = {}, 0
         self._save(epoch_end=True, is_best=is_best, reason="epoch")
         if self.ctx.is_main:
@@ -367,16 +387,6 @@ class Trainer:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.progress["history"]))
         tmp.replace(path)
-
-
-def _take_groups(groups: list[list[int]], batches_done: int):
-    """Yield the groups fully covered by ``batches_done`` micro-batches."""
-    n = 0
-    for g in groups:
-        if n + len(g) > batches_done:
-            return
-        n += len(g)
-        yield g
 
 
 def _consume_stop_file(path: Path) -> None:
