@@ -23,8 +23,8 @@
 # error (parameters, environment, kernelspec, time limit shorter than the margin); 3 stopped, resumable, not requeued.
 #
 # Knobs (environment variables, exported at sbatch time): CELLSEG_ROOT, CELLSEG_ENV, CELLSEG_KERNEL, MAX_REQUEUES,
-# CELLSEG_STOP_MARGIN, CELLSEG_PREPARE (auto|always|never: run 00_prepare_data first when the data cache has no
-# manifest.json), CELLSEG_LAUNCHER (srun|torchrun, DDP only), CELLSEG_RANK_NOTEBOOKS (keep|discard), MASTER_PORT.
+# CELLSEG_STOP_MARGIN, CELLSEG_PREPARE (auto|always|never: run 00_prepare_data first when the data cache is missing
+# or was prepared for other parameters), CELLSEG_LAUNCHER (srun|torchrun, DDP only), CELLSEG_RANK_NOTEBOOKS (keep|discard), MASTER_PORT.
 
 CS_EXIT_FAILED=1
 CS_EXIT_SETUP=2
@@ -219,19 +219,29 @@ cs_papermill() {
     -u LOCAL_RANK bash -c 'source "$CELLSEG_ROOT/slurm/common.sh" && cs_rank_exec "$@"' cellseg-rank "$@"
 }
 
-# cs_prepare_data ARGS...: run 00_prepare_data first when CELLSEG_PREPARE says so (auto: no manifest.json yet).
+# cs_prepare_data ARGS...: run 00_prepare_data first when CELLSEG_PREPARE says so. auto: when the data cache is
+# missing, or was prepared for other parameters (DATASET, DATA_ROOT, SEED, ...; cellseg.data.provenance compares
+# manifest.json with the arguments), never merely because a manifest.json exists. The cache must fit afterwards.
 cs_prepare_data() {
-  local mode="${CELLSEG_PREPARE:-auto}"
+  local mode="${CELLSEG_PREPARE:-auto}" why rc
   case "$mode" in
     never) return 0 ;;
-    auto) [[ -f $CS_DATA_CACHE/manifest.json ]] && { cs_log "data cache $CS_DATA_CACHE is prepared"; return 0; } ;;
+    auto)
+      why="$("$CS_PY" -m cellseg.data.provenance --notebook 01_train -- "$@" 2>&1)"; rc=$?
+      case $rc in
+        0) cs_log "data cache $CS_DATA_CACHE is prepared for these parameters"; return 0 ;;
+        3) cs_log "no prepared data cache at $CS_DATA_CACHE" ;;
+        4) cs_log "the data cache $CS_DATA_CACHE was prepared for other parameters; re-preparing it: $why" ;;
+        *) cs_die "cannot check the data cache $CS_DATA_CACHE: $why" ;;
+      esac ;;
     always) ;;
     *) cs_die "CELLSEG_PREPARE must be auto, always or never, got '$mode'" ;;
   esac
   cs_log "preparing the data cache $CS_DATA_CACHE (CELLSEG_PREPARE=$mode)"
   cs_papermill 00_prepare_data 00_prepare_data "$@"
-  [[ $CS_RC == 0 && -f $CS_DATA_CACHE/manifest.json ]] \
-    || cs_finish_failed "data preparation failed (papermill exit $CS_RC; executed notebook $CS_NB_OUT)"
+  [[ $CS_RC == 0 ]] || cs_finish_failed "data preparation failed (papermill exit $CS_RC; executed notebook $CS_NB_OUT)"
+  why="$("$CS_PY" -m cellseg.data.provenance --notebook 01_train -- "$@" 2>&1)" \
+    || cs_finish_failed "after preparation the data cache still does not fit the parameters: $why"
 }
 
 cs_finish_failed() {

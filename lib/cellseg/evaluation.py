@@ -89,6 +89,7 @@ def evaluate_model(
     progress: bool = True,
     n_overlays: int = 4,
     max_error_crops: int = 24,
+    checkpoint: dict | None = None,
 ) -> dict:
     """Run ``model`` over ``split`` of the prepared cache and write the evaluation into ``out_dir``.
 
@@ -107,6 +108,8 @@ def evaluate_model(
         progress: show tqdm bars.
         n_overlays: images drawn in ``overlays.png``.
         max_error_crops: crops in each of the false-positive / false-negative galleries.
+        checkpoint: the evaluated checkpoint (:func:`cellseg.loading.checkpoint_info`: file, sha256, phase, epochs_done),
+            written to ``metrics.json`` and the report.
 
     Returns:
         The metrics (as in ``metrics.json``).
@@ -171,6 +174,8 @@ def evaluate_model(
             "seconds_per_image": seconds / len(names),
         }
     )
+    if checkpoint is not None:
+        metrics["checkpoint"] = dict(checkpoint)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     context = {
         "split": f"{split} ({len(names)} images)",
@@ -179,6 +184,10 @@ def evaluate_model(
         + (f" (tuned on {tune_split})" if tuning else ""),
         "seconds per image": f"{seconds / len(names):.3f}",
     }
+    if checkpoint is not None:
+        context["checkpoint"] = (f"{checkpoint.get('file')} (Phase {checkpoint.get('phase')}, "
+                                 f"{checkpoint.get('epochs_done')} epochs done, step {checkpoint.get('step')}, "
+                                 f"SHA-256 {checkpoint.get('sha256')})")
     write_report(
         out_dir, metrics, examples=examples, false_positives=false_pos, false_negatives=false_neg,
         context=context, tuning=tuning, title=f"Evaluation on {split}",
