@@ -21,7 +21,7 @@ def test_defaults_are_the_cluster_run():
     assert cfg.ENCODER == "uni" and cfg.DATASET == "bccd" and cfg.PHASE == 1
     assert cfg.data_cache == cfg.run_dir / "data"
     assert resolve_config({"DATA_CACHE": "/x/cache"}).data_cache.as_posix() == "/x/cache"
-    assert cfg.checkpoint_dir(2).as_posix() == "checkpoints/phase2"
+    assert cfg.checkpoint_dir(2).as_posix() == "runs/bccd_uni/checkpoints/phase2"  # inside RUN_DIR by default
 
 
 def test_int_accepted_for_float_and_tuple_for_list():

@@ -80,15 +80,11 @@ def build_trainer(cfg: Config, ctx: RunContext, model, data: TrainData):
 
 
 def identity_facts(cfg: Config, manifest: dict) -> dict:
-    """The run-identity facts the parameters do not pin down: the cache's content and, in Phase 2, the Phase 1 file
-    ``INIT_FROM`` names now (compared on resume: a re-run Phase 1 stops an old Phase 2 from continuing)."""
-    from cellseg.checkpoint.identity import phase1_source
+    """The run-identity facts the Trainer cannot see: the prepared cache's content fingerprint (the Trainer adds the
+    encoder weights' hash, the effective batch and, in Phase 2, the Phase 1 file's hash itself)."""
     from cellseg.data.provenance import cache_fingerprint
 
-    facts = {"dataset_fingerprint": cache_fingerprint(manifest)}
-    if cfg.PHASE == 2:
-        facts["phase1_sha256"] = phase1_source(cfg.checkpoint_dir(1), cfg.INIT_FROM).get("sha256", "none")
-    return facts
+    return {"dataset_fingerprint": cache_fingerprint(manifest)}
 
 
 def start_phase(cfg: Config, trainer) -> str:

@@ -108,11 +108,15 @@ class Trainer:
         self.loader = make_loader(train_ds, self.sampler, cfg, seed=cfg.SEED)
         self.accum = accumulation_steps(cfg, env.world_size)
         self.steps_per_epoch = self.plan.steps_per_epoch
-        from cellseg.checkpoint.identity import run_identity
+        from cellseg.checkpoint.identity import phase1_source, run_identity
 
-        # what this run is: compared with a checkpoint's before RESUME continues it
+        # what this run is: compared with a checkpoint's before RESUME continues it; Phase 2 includes the Phase 1 file
+        # INIT_FROM names now (lineage), replaced by the file actually loaded when Phase 2 starts fresh
+        facts = dict(identity_facts or {})
+        if cfg.PHASE == 2 and "phase1_sha256" not in facts:
+            facts["phase1_sha256"] = phase1_source(cfg.checkpoint_dir(1), cfg.INIT_FROM).get("sha256", "none")
         self.identity = run_identity(cfg, world_size=env.world_size, train_images=len(train_ds),
-                                     precision=self.precision, facts=identity_facts)
+                                     precision=self.precision, facts=facts)
         from cellseg.optim import build_optimizer  # local: optim imports peft, slow to import
 
         self.optimizer = build_optimizer(self.model, cfg)
