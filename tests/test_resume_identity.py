@@ -131,10 +131,14 @@ def test_allow_changes_names_are_checked():
         resolve_config({"ALLOW_CHANGES": ["BATCH_SIZ"]})
 
 
-def test_checkpoint_dir_defaults_inside_the_run_dir():
+def test_checkpoint_dir_defaults_inside_the_run_dir(tmp_path):
+    from cellseg.slurm_helpers import run_info
+
     cfg = resolve_config({"RUN_DIR": "runs/x"})
     assert cfg.checkpoint_dir(2).as_posix() == "runs/x/checkpoints/phase2"
     assert resolve_config({"CHECKPOINT_DIR": "/shared/ck"}).checkpoint_dir(1).as_posix() == "/shared/ck/phase1"
+    info = run_info(["-p", "RUN_DIR", "runs/x"], "01_train", root=tmp_path)  # what the sbatch scripts print
+    assert info.checkpoint_dir == str(tmp_path / "runs" / "x" / "checkpoints")
 
 
 def test_phase2_refuses_to_continue_after_phase1_changed(tmp_path):
