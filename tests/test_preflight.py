@@ -252,3 +252,22 @@ def test_stand_in_encoders():
     assert stand_in_encoder("efficientnet_b4") == "test_efficientnet"
     assert stand_in_encoder("convnext_tiny") == "test_convnext"
     assert stand_in_encoder("resnet50") == "test_resnet"
+
+
+def test_another_runs_checkpoint_is_a_problem_before_queueing(setup, capsys):
+    """Issue 12: preflight said 'resumes from' a checkpoint that RESUME would refuse for its other settings."""
+    import json
+
+    from cellseg.checkpoint.identity import run_identity
+
+    path, values = setup
+    best = save_checkpoint(values, 1)
+    ident = run_identity(resolve_config({**values, "PHASE": 1}), world_size=1, train_images=4)
+    for side in best.parent.glob("*.pt.json"):
+        side.write_text(json.dumps({**json.loads(side.read_text()), "identity": ident}))
+    code, out = run(capsys, "-f", str(path), "-p", "LR_DECODER_P1", "0.0005", "--skip-steps")
+    assert code == EXIT_PROBLEMS and "belongs to a run with other settings" in out
+    assert "LR_DECODER_P1" in out and "ALLOW_CHANGES=['LR_DECODER_P1']" in out
+    code, out = run(capsys, "-f", str(path), "-p", "LR_DECODER_P1", "0.0005", "-p", "ALLOW_CHANGES",
+                    "['LR_DECODER_P1']", "--skip-steps")
+    assert code == EXIT_OK and "resumes from" in out, out

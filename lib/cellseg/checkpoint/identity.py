@@ -226,6 +226,18 @@ def check_identity(saved: dict | None, current: dict | None, *, path: str | Path
     return rows
 
 
+def parameter_problems(side: dict, cfg, *, path: str | Path) -> str | None:
+    """For ``cellseg preflight``: the identity table of the parameters that differ between a checkpoint's sidecar and
+    ``cfg`` (beyond ``ALLOW_CHANGES``), or None. Facts (data, weights, ranks) are compared when the job starts."""
+    saved = side.get("identity")
+    if not isinstance(saved, dict):
+        return None
+    current = {"parameters": {k: v for k, v in cfg.to_dict().items() if k in identity_parameter_names()}}
+    rows = [r for r in identity_differences({"parameters": saved.get("parameters") or {}}, current)
+            if r[0] not in set(cfg.ALLOW_CHANGES)]
+    return mismatch_message(path, rows, Path(path).parent) if rows else None
+
+
 def check_resume_position(progress: dict, plan: dict, *, where: str) -> None:
     """A mid-epoch checkpoint can continue only with the same sample plan (same images, effective batch, SEED and
     plan version); an epoch-end checkpoint always can.

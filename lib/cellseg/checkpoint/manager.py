@@ -340,6 +340,8 @@ class CheckpointManager:
             self._check_phase(side, path)
             flags = self._check(side, model=model, optimizer=optimizer, scheduler=scheduler, strict=strict,
                                 merge_lora=merge_lora, path=path, network=not ignore_network)
+            if identity is not None and isinstance(side.get("identity"), dict):  # refused before reading tensors
+                self._check_identity(side["identity"], identity, path, allow_changes)
             verify_file(path, side)
         payload = read_payload(path)
         missing = [k for k in ("progress", "rng") if not isinstance(payload.get(k), dict)]
@@ -352,15 +354,20 @@ class CheckpointManager:
                     "scheduler": {"kind": payload.get("scheduler_kind"), "interval": payload.get("scheduler_interval")}}
             flags = self._check(meta, model=model, optimizer=optimizer, scheduler=scheduler, strict=strict,
                                 merge_lora=merge_lora, path=path, network=not ignore_network)
-        if identity is not None:
-            from cellseg.checkpoint.identity import check_identity, identity_of_checkpoint
+        if identity is not None and not isinstance((side or {}).get("identity"), dict):
+            from cellseg.checkpoint.identity import identity_of_checkpoint
 
-            accepted = check_identity(identity_of_checkpoint(payload), identity, path=path,
-                                      checkpoint_dir=self.directory, allow_changes=allow_changes)
-            if accepted:
-                self.ledger_event("allowed_changes", file=str(path),
-                                  changes=[{"name": n, "checkpoint": a, "now": b} for n, a, b in accepted])
+            self._check_identity(identity_of_checkpoint(payload), identity, path, allow_changes)
         return payload, side, flags
+
+    def _check_identity(self, saved: dict | None, identity: dict, path: Path, allow_changes: tuple[str, ...]) -> None:
+        from cellseg.checkpoint.identity import check_identity
+
+        accepted = check_identity(saved, identity, path=path, checkpoint_dir=self.directory,
+                                  allow_changes=allow_changes)
+        if accepted:
+            self.ledger_event("allowed_changes", file=str(path),
+                              changes=[{"name": n, "checkpoint": a, "now": b} for n, a, b in accepted])
 
     def _check_phase(self, meta: dict, path: Path) -> None:
         phase = meta.get("phase")

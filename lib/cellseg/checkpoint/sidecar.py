@@ -65,6 +65,7 @@ def build_sidecar(*, payload: dict[str, Any], manifest: dict[str, list[int]], sh
         "manifest": manifest,
         "optimizer_params": payload.get("optimizer_params"),
         "scheduler": {"kind": payload.get("scheduler_kind"), "interval": payload.get("scheduler_interval")},
+        "identity": payload.get("identity"),  # the run's identity (cellseg.checkpoint.identity), readable without torch
         "sha256": sha256,
         "size": size,
         "parent": parent,

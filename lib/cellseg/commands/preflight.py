@@ -174,6 +174,10 @@ def _checkpoint_problems(path: Path, side: dict, model: torch.nn.Module, cfg: Co
     if resume and side.get("phase") not in (None, cfg.PHASE):
         out.append(f"{path} is a Phase {side.get('phase')} checkpoint in the Phase {cfg.PHASE} directory; RESUME "
                    "continues a run of the same phase. Move it away or set RESUME='never'.")
+    if resume:  # the run identity (parameters part): RESUME refuses another run's checkpoint before training
+        from cellseg.checkpoint.identity import parameter_problems
+
+        out += [t for t in [parameter_problems(side, cfg, path=path)] if t]
     try:
         check_compatibility(side, model, strict=cfg.STRICT_LOAD, merge_lora=cfg.MERGE_LORA, path=path,
                             checkpoint_dir=path.parent)
