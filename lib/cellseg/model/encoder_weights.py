@@ -113,6 +113,8 @@ def fit_state_dict(core: nn.Module, state: dict[str, torch.Tensor], path: Path, 
         )
     target = {k: state[k] for k in own}
     report.loaded = len(target)
+    report.dropped_head.sort()
+    report.dropped_unused.sort()
     return target, report
 
 
