@@ -43,6 +43,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
+    base: str = ""  # compact checkpoints: where the left-out base encoder tensors came from
 
     @property
     def complete(self) -> bool:
@@ -57,7 +58,7 @@ class LoadReport:
                 + (f" ({len(self.adapters_reset)} lora_B reset to 0 so outputs equal the checkpoint's)"
                    if self.adapters_reset else ""))
         mism = [f"{k} {c}->{m}" for k, c, m in self.mismatched]
-        parts = [head] + [f"  - {d}" for d in self.differences] + [
+        parts = [head] + ([f"  - {self.base}"] if self.base else []) + [f"  - {d}" for d in self.differences] + [
             describe_keys("shape-mismatched, left as they were", mism),
             describe_keys("missing from the checkpoint, left as they were", self.missing),
             describe_keys("unexpected in the checkpoint, ignored", self.unexpected),
@@ -180,6 +181,11 @@ def load_weights(model: nn.Module, source: Path | str | dict, *, strict: bool = 
                         mismatched=plan.mismatched, missing=plan.missing, unexpected=plan.unexpected,
                         differences=differences)
     report.adapters_reset = _zero_fresh_lora_b(inner, plan, kmap)
+    base = meta.get("base_weights")
+    if base:
+        report.base = (f"{len(base['manifest'])} frozen base encoder tensors from {base['file']} (SHA-256 "
+                       f"{base['sha256'][:12]}... verified), " + ("already in the model, built from that file"
+                                                                   if held else "read from the file"))
     if plan.merges:
         log.info("merged the LoRA adapters of %d layer(s) into their base weights (MERGE_LORA=True, scale %.4g)",
                  len(plan.merges), plan.scale)
