@@ -224,3 +224,28 @@ def test_file_sha256_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     assert fp.file_sha256(f) == first and not calls  # from the disk cache
     f.write_bytes(b"abcd")  # new size: hashed again
     assert fp.file_sha256(f) == "x" and calls
+
+
+def test_inspect_shows_the_base_file_and_odd_payloads_are_explained(tmp_path, base, capsys):
+    model = _model(base)
+    path, _ = _save(model, None, tmp_path / "p")
+    assert cli_main(["ckpt", "inspect", str(path)]) == 0
+    assert f"base weights: {len(model.base_keys)} frozen encoder tensors not stored" in capsys.readouterr().out
+    payload = read_payload(path)
+    payload["arch"] = None  # a compact payload without a fingerprint cannot be completed
+    with pytest.raises(IncompatibleCheckpoint, match="no architecture fingerprint"):
+        load_weights(_model(""), payload)
+    payload = read_payload(path)
+    payload["base_weights"]["manifest"]["encoder.core.not_there"] = [2]
+    with pytest.raises(IncompatibleCheckpoint, match="lacks or reshapes 1 of the left-out tensors"):
+        load_weights(_model(""), payload, strict=False, base_weights=base)
+
+
+def test_export_merge_needs_the_lora_settings(tmp_path, base, capsys):
+    model = _lora_model(base, 1)
+    state = collect_state(model=model, optimizer=None, scheduler=None, scaler=None,
+                          progress={"epoch": 1, "step": 1, "batch_in_epoch": 0, "history": []}, config={"PHASE": 2})
+    state["lora"] = None
+    CheckpointManager(tmp_path / "p2", phase=2).save(state, epoch_end=False, is_best=False)
+    assert cli_main(["ckpt", "export", str(tmp_path / "p2" / "latest.pt"), str(tmp_path / "o.pt"), "--merge"]) == 2
+    assert "no LoRA settings" in capsys.readouterr().err
