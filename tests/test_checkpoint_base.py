@@ -249,3 +249,16 @@ def test_export_merge_needs_the_lora_settings(tmp_path, base, capsys):
     CheckpointManager(tmp_path / "p2", phase=2).save(state, epoch_end=False, is_best=False)
     assert cli_main(["ckpt", "export", str(tmp_path / "p2" / "latest.pt"), str(tmp_path / "o.pt"), "--merge"]) == 2
     assert "no LoRA settings" in capsys.readouterr().err
+
+
+def test_merged_lora_weights_are_stored(tmp_path, base):
+    from cellseg.model.lora import merge_lora
+
+    model = _lora_model(base, 1)
+    _train_step(model, _opt(model))
+    merge_lora(model)
+    _, state = _save(model, None, tmp_path / "m")
+    assert "encoder.core.blocks.0.attn.qkv.weight" in state["model"]
+    again = _model(base, seed=3)
+    load_weights(again, tmp_path / "m" / "latest.pt")
+    _assert_same(model, again)
