@@ -34,3 +34,12 @@ def bccd_root() -> Path:
 def dsb2018_root() -> Path:
     """The DSB2018 nuclei folder (img2d.tif, mask2d.tif)."""
     return _data_dir("CELLSEG_DSB2018_ROOT", ("img2d.tif", "mask2d.tif"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_hash_cache(tmp_path_factory):
+    """The weights-file hash cache (cellseg.checkpoint.fingerprint) of the test session, not the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CELLSEG_CACHE_DIR", str(tmp_path_factory.mktemp("cellseg-cache")))
+    yield
+    mp.undo()

@@ -63,6 +63,8 @@ class Config:
     CHECKPOINT_DIR: str = ""
     PRECISION: str = "auto"
     OBJECT_DIAMETER: float = 100.0
+    NORM_MEAN: list = field(default_factory=list)
+    NORM_STD: list = field(default_factory=list)
     # --- training (01) ---
     PHASE: int = 1
     EPOCHS: int = 50
@@ -167,6 +169,7 @@ _PREPARE = ("SYNTH_NUM_IMAGES", "SYNTH_IMAGE_SIZE", "VAL_FRACTION", "TEST_FRACTI
 _MODEL = (
     "ENCODER", "ENCODER_WEIGHTS", "ENCODER_INDICES", "DECODER", "DECODER_WIDTH", "PATCH_SIZE", "LORA_R", "LORA_ALPHA",
     "LORA_DROPOUT", "LORA_TARGETS", "LORA_BLOCKS", "CHECKPOINT_DIR", "PRECISION", "OBJECT_DIAMETER",
+    "NORM_MEAN", "NORM_STD",
 )
 _TRAIN_ONLY = tuple(
     f.name for f in fields(Config) if f.name not in _COMMON + _PREPARE + _MODEL and not f.name.startswith(("EVAL_", "TILE_"))
@@ -240,6 +243,15 @@ def _check_value(name: str, value: Any) -> None:
             raise ConfigError(f"STOP_SIGNALS entries must be among {list(SIGNALS)}, got {bad}. {_fix_hint(name)}")
     if name in ("ENCODER_INDICES",) and not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         raise ConfigError(f"ENCODER_INDICES must be a list of block indices (ints), got {value!r}. {_fix_hint(name)}")
+    if name in ("NORM_MEAN", "NORM_STD") and value:
+        from cellseg.model.normalization import check_normalization
+
+        try:
+            check_normalization(value, value if name == "NORM_STD" else [1.0, 1.0, 1.0], where=name)
+        except ValueError as e:
+            raise ConfigError(f"{name} must be empty (the encoder's own normalisation) or 3 finite numbers (RGB in "
+                              f"[0, 1]{', each > 0' if name == 'NORM_STD' else ''}), got {value!r}. "
+                              f"{_fix_hint(name)}") from e
     if name in ("CLASS_WEIGHTS", "FOCAL_ALPHA") and not all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in value):
         raise ConfigError(f"{name} must be a list of non-negative numbers, got {value!r}. {_fix_hint(name)}")
@@ -323,6 +335,9 @@ def _check_cross(cfg: Config, notebook: str) -> None:
     if notebook == "01_train" and cfg.GRAD_ACCUM_TARGET and cfg.GRAD_ACCUM_TARGET < cfg.BATCH_SIZE:
         raise ConfigError(f"GRAD_ACCUM_TARGET (effective batch, {cfg.GRAD_ACCUM_TARGET}) must be 0 (no accumulation) or "
                           f">= BATCH_SIZE ({cfg.BATCH_SIZE}).")
+    if bool(cfg.NORM_MEAN) != bool(cfg.NORM_STD):
+        raise ConfigError(f"NORM_MEAN and NORM_STD go together: got NORM_MEAN={cfg.NORM_MEAN} and NORM_STD={cfg.NORM_STD}. "
+                          "Set both (3 numbers each) or leave both empty ([]) for the encoder's own normalisation.")
 
 
 def load_params_file(path: str | Path) -> dict[str, Any]:
@@ -397,6 +412,8 @@ PARAM_HELP: dict[str, str] = {
     "CHECKPOINT_DIR": "checkpoints go to CHECKPOINT_DIR/phase{N}/; empty means RUN_DIR/checkpoints",
     "PRECISION": "auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16 (GradScaler)",
     "OBJECT_DIAMETER": "typical cell diameter in pixels; scales the post-processing (BCCD ~100, nuclei at 40x ~20)",
+    "NORM_MEAN": "input mean per RGB channel in [0, 1]; empty for the encoder's own (weights config, timm, UNI card)",
+    "NORM_STD": "input std per RGB channel; empty for the encoder's own (set together with NORM_MEAN)",
     "PHASE": "1: frozen encoder, decoder trains | 2: LoRA on the encoder (starts from Phase 1)",
     "EPOCHS": "epochs of this phase",
     "BATCH_SIZE": "images per device per forward pass",

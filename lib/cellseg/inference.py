@@ -157,8 +157,9 @@ def predict_image(
     """Per-pixel maps of one RGB image.
 
     Args:
-        model: returns ``{"np": (B, 2, H, W), "hv": (B, 2, H, W), "nc": (B, C+1, H, W)}`` logits/maps for
-            ImageNet-normalised input; put in eval mode for the call (its mode is restored afterwards).
+        model: returns ``{"np": (B, 2, H, W), "hv": (B, 2, H, W), "nc": (B, C+1, H, W)}`` logits/maps; the image is
+            normalised with the model's own ``arch['normalization']`` (ImageNet for other modules); put in eval
+            mode for the call (its mode is restored afterwards).
         image: RGB ``uint8`` image.
         tile_size: None runs the whole image at once; otherwise tiles of this size (images no larger run whole).
         overlap: fraction of a tile shared with its neighbour.
@@ -181,7 +182,9 @@ def predict_image(
     device = _resolve_device(model, device)
     if isinstance(image, np.ndarray) and not image.flags.writeable:  # torch.from_numpy warns on read-only arrays
         image = image.copy()
-    x = normalize_image(image).to(device)
+    from cellseg.model.normalization import model_normalization
+
+    x = normalize_image(image, model_normalization(model)).to(device)  # the statistics the model was trained with
     _, height, width = x.shape
     was_training = model.training
     model.eval()

@@ -32,19 +32,54 @@ def load_trained_model(cfg: Config, *, num_classes: int, device: torch.device):
 
     Returns (model, checkpoint path).
     """
+    path = checkpoint_path(cfg)
+    return load_checkpoint_model(path, cfg, num_classes=num_classes, device=device), path
+
+
+def load_checkpoint_model(path: str | Path, cfg: Config, *, num_classes: int, device: torch.device | str,
+                          base_weights: str | None = None):
+    """The network of checkpoint ``path`` for inference, in eval mode on ``device``: either form of checkpoint.
+
+    - A compact checkpoint (frozen base encoder weights left out, see :mod:`cellseg.checkpoint.base`) is completed
+      from ``base_weights``, else ``ENCODER_WEIGHTS``, whose SHA-256 must be the recorded one.
+    - A self-contained one (a full training checkpoint, or ``cellseg ckpt export --merge``) needs no base file: the
+      encoder is built without reading ``ENCODER_WEIGHTS`` and every tensor comes from the checkpoint.
+
+    The input normalisation is the checkpoint's (ImageNet for checkpoints that predate storing it, which were all
+    trained with it), so predictions see inputs scaled as in training.
+
+    Raises:
+        ValueError: ``NORM_MEAN`` / ``NORM_STD`` set to values other than the checkpoint's.
+        IncompatibleCheckpoint, CorruptCheckpoint: see :func:`cellseg.checkpoint.load_weights`.
+    """
     from cellseg.checkpoint import load_weights, read_sidecar
     from cellseg.model import build_model_from_config
     from cellseg.model.lora import apply_lora
+    from cellseg.model.normalization import IMAGENET
 
-    path = checkpoint_path(cfg)
-    model = build_model_from_config(cfg, num_classes=num_classes)
-    lora = (read_sidecar(path).get("arch") or {}).get("lora")
+    path = Path(path)
+    side = read_sidecar(path)
+    arch = side.get("arch") or {}
+    compact = bool(side.get("base_weights"))
+    if not compact:
+        log.info("%s is self-contained: the encoder comes from it, ENCODER_WEIGHTS is not read", path)
+    # a compact checkpoint reads its base from ENCODER_WEIGHTS when that file is there; otherwise (or with an explicit
+    # base_weights) load_weights tries the recorded path and explains a missing or different file
+    own = cfg.ENCODER_WEIGHTS not in ("", "none", "None") and Path(cfg.ENCODER_WEIGHTS).is_file()
+    model = build_model_from_config(cfg, num_classes=num_classes, load_weights=compact and own and not base_weights)
+    norm = arch.get("normalization") or dict(IMAGENET)
+    if cfg.NORM_MEAN and {"mean": [float(v) for v in cfg.NORM_MEAN], "std": [float(v) for v in cfg.NORM_STD]} != norm:
+        raise ValueError(f"NORM_MEAN={cfg.NORM_MEAN} / NORM_STD={cfg.NORM_STD} differ from the normalisation {path} was "
+                         f"trained with (mean {norm['mean']}, std {norm['std']}); predictions would see inputs scaled "
+                         "differently from training. Leave NORM_MEAN and NORM_STD empty ([]) to use the checkpoint's.")
+    model.arch["normalization"] = norm
+    lora = arch.get("lora")
     if lora:
         apply_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"], targets=lora["targets"],
                    blocks=lora["blocks"])
-    report = load_weights(model, path, strict=cfg.STRICT_LOAD, merge_lora=cfg.MERGE_LORA)
-    log.info("loaded %s: %s", path, report)
-    return model.to(device).eval(), path
+    report = load_weights(model, path, strict=cfg.STRICT_LOAD, merge_lora=cfg.MERGE_LORA, base_weights=base_weights)
+    log.info("loaded %s: %s; input normalisation mean %s std %s", path, report, norm["mean"], norm["std"])
+    return model.to(device).eval()
 
 
 def checkpoint_info(path: str | Path) -> dict:

@@ -21,6 +21,7 @@ _FIELDS = {
     "encoder_indices": ("ENCODER_INDICES", "encoder blocks feeding the decoder"),
     "encoder_strides": ("ENCODER", "encoder strides"),
     "branches": ("the code version", "output branches"),
+    "normalization": ("NORM_MEAN / NORM_STD, or the encoder's weights config", "input normalisation"),
 }
 _LORA_FIELDS = {"r": "LORA_R", "alpha": "LORA_ALPHA", "targets": "LORA_TARGETS", "blocks": "LORA_BLOCKS"}
 

@@ -12,13 +12,13 @@ A checkpoint written before identities existed is compared on its stored paramet
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from cellseg.checkpoint.compat import IncompatibleCheckpoint
+from cellseg.checkpoint.fingerprint import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +85,8 @@ def allowed_change_names() -> list[str]:
     return identity_parameter_names() + list(FACTS)
 
 
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def sha256_cached(path: str | Path) -> str:
-    """SHA-256 of a file, cached by (resolved path, size, mtime) so a multi-GB encoder file is read once per process."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
+# one hash cache for the project (path + size + mtime, in memory and on disk): cellseg.checkpoint.fingerprint
+sha256_cached = file_sha256
 
 
 def encoder_weights_sha256(weights: str) -> str:

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from cellseg.checkpoint.atomic import commit, copy_to_temp, fsync_dir, open_temp, remove_stale_temps
+from cellseg.checkpoint.base import full_manifest
 from cellseg.checkpoint.compat import IncompatibleCheckpoint, describe_keys, ways_out
-from cellseg.checkpoint.keys import manifest
 from cellseg.checkpoint.layout import (
     BEST,
     LATEST,
@@ -134,7 +134,7 @@ class CheckpointManager:
         if is_best:
             if self._best_allowed(progress):
                 targets.append(BEST)
-        mani = manifest(state["model"])
+        mani = full_manifest(state)  # the whole network, base weights included: what compatibility is checked on
         temps: list[Path] = []
         try:
             with open_temp(self.path(LATEST)) as (writer, tmp):
@@ -350,7 +350,7 @@ class CheckpointManager:
                                     "(weights only?); use it with INIT_FROM or load_weights instead")
         if side is None:
             self._check_phase(payload, path)
-            meta = {**payload, "manifest": manifest(payload["model"]),
+            meta = {**payload, "manifest": full_manifest(payload),
                     "scheduler": {"kind": payload.get("scheduler_kind"), "interval": payload.get("scheduler_interval")}}
             flags = self._check(meta, model=model, optimizer=optimizer, scheduler=scheduler, strict=strict,
                                 merge_lora=merge_lora, path=path, network=not ignore_network)

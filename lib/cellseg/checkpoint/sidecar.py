@@ -63,6 +63,7 @@ def build_sidecar(*, payload: dict[str, Any], manifest: dict[str, list[int]], sh
         "arch": payload.get("arch"),
         "lora": payload.get("lora"),
         "manifest": manifest,
+        "base_weights": payload.get("base_weights"),
         "optimizer_params": payload.get("optimizer_params"),
         "scheduler": {"kind": payload.get("scheduler_kind"), "interval": payload.get("scheduler_interval")},
         "identity": payload.get("identity"),  # the run's identity (cellseg.checkpoint.identity), readable without torch

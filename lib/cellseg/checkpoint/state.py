@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cellseg.checkpoint.base import split_base
 from cellseg.checkpoint.keys import canonical_param_names, canonical_state_dict, unwrap_model
 from cellseg.checkpoint.sidecar import FORMAT_VERSION
 
@@ -124,7 +125,7 @@ def optimizer_param_names(optimizer: torch.optim.Optimizer, model: nn.Module) ->
 # ----- the payload -----
 def collect_state(*, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any, scaler: Any,
                   progress: dict, config: dict | Any, generators: dict[str, torch.Generator] | None = None,
-                  all_ranks_rng: bool = False, rng_ranks: list[dict] | None = None) -> dict:
+                  all_ranks_rng: bool = False, rng_ranks: list[dict] | None = None, compact: bool = True) -> dict:
     """The full training state as a ``weights_only``-loadable dict: a CPU snapshot (network in the canonical key
     space, optimizer state included) that later steps do not change; GPU tensors are copied straight to the CPU.
 
@@ -139,6 +140,9 @@ def collect_state(*, model: nn.Module, optimizer: torch.optim.Optimizer | None, 
         all_ranks_rng: gather every rank's RNG states (a collective: every rank must call this then).
         rng_ranks: every rank's RNG states gathered beforehand with :func:`collect_rng_all_ranks` (called on all
             ranks), for a loop that builds the payload on rank 0 only; on resume each rank restores its own.
+        compact: leave out the frozen encoder tensors that still hold the values of the model's weights file and
+            store that file's identity instead (``base_weights``, see :mod:`cellseg.checkpoint.base`); False stores
+            the whole network, as checkpoints before compact ones did.
 
     Raises:
         TypeError: something in ``progress``, ``config`` or a state dict is not a plain type (says where).
@@ -148,10 +152,15 @@ def collect_state(*, model: nn.Module, optimizer: torch.optim.Optimizer | None, 
     inner = unwrap_model(model)
     lora = getattr(inner, "lora_config", None)
     rng = collect_rng(generators)
+    network = canonical_state_dict(inner)
+    base = None
+    if compact:
+        network, base = split_base(inner, network)
     payload = {
         "format_version": FORMAT_VERSION,
         "phase": config.get("PHASE") if isinstance(config, dict) else None,
-        "model": canonical_state_dict(inner),
+        "model": network,
+        "base_weights": base,
         "arch": inner.arch_info() if hasattr(inner, "arch_info") else None,
         "lora": dict(lora) if lora else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cellseg.checkpoint.base import fill_base, full_manifest
 from cellseg.checkpoint.compat import IncompatibleCheckpoint, describe_keys, explain, fingerprint_differences
 from cellseg.checkpoint.keys import (
     canonicalize,
@@ -42,6 +43,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
+    base: str = ""  # compact checkpoints: where the left-out base encoder tensors came from
 
     @property
     def complete(self) -> bool:
@@ -56,7 +58,7 @@ class LoadReport:
                 + (f" ({len(self.adapters_reset)} lora_B reset to 0 so outputs equal the checkpoint's)"
                    if self.adapters_reset else ""))
         mism = [f"{k} {c}->{m}" for k, c, m in self.mismatched]
-        parts = [head] + [f"  - {d}" for d in self.differences] + [
+        parts = [head] + ([f"  - {self.base}"] if self.base else []) + [f"  - {d}" for d in self.differences] + [
             describe_keys("shape-mismatched, left as they were", mism),
             describe_keys("missing from the checkpoint, left as they were", self.missing),
             describe_keys("unexpected in the checkpoint, ignored", self.unexpected),
@@ -122,14 +124,16 @@ def _resolve_source(source: Path | str | dict) -> tuple[dict[str, torch.Tensor],
         raise TypeError(f"load_weights source must be a checkpoint path, a checkpoint payload (dict with 'model') or a "
                         f"state dict of tensors, got {type(source).__name__}.")
     state = canonicalize(payload["model"])
-    meta = {"manifest": manifest(state), "lora": payload.get("lora")}
+    meta = {"manifest": full_manifest({**payload, "model": state}), "lora": payload.get("lora"),
+            "base_weights": payload.get("base_weights")}
     if payload.get("arch") is not None:  # without a fingerprint only the keys and shapes can be compared
         meta["arch"] = payload["arch"]
     return state, meta, desc
 
 
 def load_weights(model: nn.Module, source: Path | str | dict, *, strict: bool = True, merge_lora: bool = False,
-                 checkpoint_dir: str | Path | None = None, source_name: str | None = None) -> LoadReport:
+                 checkpoint_dir: str | Path | None = None, source_name: str | None = None,
+                 base_weights: str | Path | None = None) -> LoadReport:
     """Load network weights into ``model`` (any wrappers, LoRA-wrapped or plain) from a checkpoint.
 
     Args:
@@ -140,9 +144,12 @@ def load_weights(model: nn.Module, source: Path | str | dict, *, strict: bool = 
         merge_lora: ``MERGE_LORA``; fold checkpoint adapters into a plain model's base weights.
         checkpoint_dir: named in the ways out of an incompatibility error.
         source_name: how messages name an in-memory ``source`` (e.g. the file it was read from).
+        base_weights: the base encoder weights file of a compact checkpoint (see :mod:`cellseg.checkpoint.base`);
+            default: the file the model was built from (``ENCODER_WEIGHTS``), else the checkpoint's recorded path.
 
     Raises:
-        IncompatibleCheckpoint: see :func:`check_compatibility`.
+        IncompatibleCheckpoint: see :func:`check_compatibility`; or a compact checkpoint whose base weights file is
+            missing or has another SHA-256.
         CorruptCheckpoint: the file is missing, truncated or does not match its sidecar.
         TypeError: ``source`` is none of the accepted kinds.
     """
@@ -152,11 +159,21 @@ def load_weights(model: nn.Module, source: Path | str | dict, *, strict: bool = 
                                             checkpoint_dir=checkpoint_dir)
     inner = unwrap_model(model)
     kmap = model_key_map(inner)
-    target: dict[str, torch.Tensor] = {kmap[k]: state[k] for k in plan.direct}
+    held: set[str] = set()
+    from_file: set[str] = set()
+    if meta.get("base_weights"):
+        before = set(state)
+        state, held = fill_base(state, meta["base_weights"], arch=meta.get("arch"), model=inner,
+                                explicit=base_weights, source=desc)
+        from_file = set(state) - before
+    current = inner.state_dict()
+    target: dict[str, torch.Tensor] = {kmap[k]: state[k] for k in plan.direct if k not in held}
     for key, (base, a_key, b_key) in plan.merges.items():
-        target[kmap[key]] = merged_weight(state[base], state[a_key], state[b_key], plan.scale or 0.0)
+        base_value = current[kmap[key]] if base in held else state[base]
+        target[kmap[key]] = merged_weight(base_value, state[a_key], state[b_key], plan.scale or 0.0)
+    _track_base_keys(inner, target, kmap, current, from_file, meta.get("base_weights"))
     result = inner.load_state_dict(target, strict=False)
-    expected_missing = {kmap[k] for k in plan.missing + plan.adapters_kept}
+    expected_missing = {kmap[k] for k in plan.missing + plan.adapters_kept} | {kmap[k] for k in held}
     expected_missing |= {kmap[k] for k, _, _ in plan.mismatched if k in kmap}
     assert not result.unexpected_keys and set(result.missing_keys) <= expected_missing, (
         result.unexpected_keys, sorted(set(result.missing_keys) - expected_missing)[:5])
@@ -164,6 +181,11 @@ def load_weights(model: nn.Module, source: Path | str | dict, *, strict: bool = 
                         mismatched=plan.mismatched, missing=plan.missing, unexpected=plan.unexpected,
                         differences=differences)
     report.adapters_reset = _zero_fresh_lora_b(inner, plan, kmap)
+    base = meta.get("base_weights")
+    if base:
+        report.base = (f"{len(base['manifest'])} frozen base encoder tensors from {base['file']} (SHA-256 "
+                       f"{base['sha256'][:12]}... verified), " + ("already in the model, built from that file"
+                                                                   if held else "read from the file"))
     if plan.merges:
         log.info("merged the LoRA adapters of %d layer(s) into their base weights (MERGE_LORA=True, scale %.4g)",
                  len(plan.merges), plan.scale)
@@ -172,6 +194,25 @@ def load_weights(model: nn.Module, source: Path | str | dict, *, strict: bool = 
                  "from their initialisation", len(lora_prefixes_from_keys(plan.adapters_kept)))
     (log.info if report.complete else log.warning)("%s", report.summary())
     return report
+
+
+@torch.no_grad()
+def _track_base_keys(inner: nn.Module, target: dict[str, torch.Tensor], kmap: dict[str, str],
+                     current: dict[str, torch.Tensor], from_file: set[str], base: dict | None) -> None:
+    """Keep ``inner.base_keys`` (keys holding the base file's values, left out of compact checkpoints) true: a key
+    loaded with other values leaves it, one read from the model's own base file (same SHA-256) joins it."""
+    keys = getattr(inner, "base_keys", None)
+    if keys is None:
+        return
+    own = getattr(inner, "base_weights", None)
+    same_file = bool(own and base and own.get("sha256") == base.get("sha256"))
+    canon = {v: k for k, v in kmap.items()}
+    for model_key, value in target.items():
+        key = canon[model_key]
+        if key in from_file and same_file:
+            keys.add(key)
+        elif key in keys and not torch.equal(current[model_key].cpu(), value.to("cpu", current[model_key].dtype)):
+            keys.discard(key)
 
 
 @torch.no_grad()

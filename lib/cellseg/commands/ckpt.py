@@ -1,4 +1,5 @@
-"""``cellseg ckpt inspect PATH [--json]`` and ``cellseg ckpt check PATH -f PARAMS.yaml [-p NAME VALUE ...]``.
+"""``cellseg ckpt inspect PATH [--json]``, ``cellseg ckpt check PATH -f PARAMS.yaml [-p NAME VALUE ...]`` and
+``cellseg ckpt export PATH OUT [--merge] [--base-weights FILE]`` (see :mod:`cellseg.commands.ckpt_export`).
 
 ``inspect`` shows what a checkpoint (or every checkpoint of a phase directory) holds and whether it matches its
 sidecar: exit 0 when every file is valid, 1 otherwise. ``check`` answers, before a job is submitted, whether the
@@ -36,6 +37,9 @@ def add_parser(subparsers: Any) -> None:
     _add_param_args(chk)
     chk.add_argument("--num-classes", type=int, default=None,
                      help="cell classes of the data the parameters use (default: the checkpoint's)")
+    from cellseg.commands.ckpt_export import add_export_parser
+
+    add_export_parser(sub)
 
 
 # ----- inspect -----
@@ -55,7 +59,7 @@ def _sidecar_status(path: Path) -> tuple[str, dict | None]:
 
 def inspect_file(path: str | Path) -> dict:
     """What one checkpoint file holds, read from its sidecar (the payload only when the sidecar is missing)."""
-    from cellseg.checkpoint.keys import manifest
+    from cellseg.checkpoint.base import full_manifest
     from cellseg.checkpoint.sidecar import CorruptCheckpoint, read_payload
 
     path = Path(path)
@@ -76,11 +80,12 @@ def inspect_file(path: str | Path) -> dict:
                 "epoch": progress.get("epoch"), "step": progress.get("step"),
                 "batch_in_epoch": progress.get("batch_in_epoch"),
                 "monitor": {**(progress.get("monitor") or {}), "best": progress.get("best_metric")},
-                "arch": payload.get("arch"), "lora": payload.get("lora"), "manifest": manifest(payload["model"])}
+                "arch": payload.get("arch"), "lora": payload.get("lora"), "manifest": full_manifest(payload),
+                "base_weights": payload.get("base_weights")}
         info["payload"] = "readable (no sidecar to verify it against)"
     if meta is not None:
         for key in ("format_version", "phase", "epoch", "step", "batch_in_epoch", "monitor", "arch", "lora",
-                    "parent", "code_version", "time", "reason", "sha256"):
+                    "parent", "code_version", "time", "reason", "sha256", "base_weights"):
             if key in meta:
                 info[key] = meta[key]
         mani = meta.get("manifest") or {}
@@ -109,6 +114,10 @@ def _format_info(info: dict) -> str:
         f"  LoRA:         {lora if lora else 'none'}",
         f"  tensors:      {info.get('tensors')} ({info.get('parameters', 0):,} values)",
     ]
+    base = info.get("base_weights")
+    if base:
+        lines.append(f"  base weights: {len(base['manifest'])} frozen encoder tensors not stored, read from "
+                     f"{base['file']} (SHA-256 {base['sha256']}, {base['size']:,} bytes, recorded at {base['path']})")
     if info.get("parent"):
         lines.append(f"  parent:       {info['parent'].get('path')}")
     if info.get("time"):
@@ -162,8 +171,8 @@ def check_checkpoint(path: str | Path, cfg: Any, num_classes: int | None = None)
     Raises:
         CorruptCheckpoint: the checkpoint cannot be read (neither sidecar nor payload).
     """
+    from cellseg.checkpoint.base import full_manifest
     from cellseg.checkpoint.compat import IncompatibleCheckpoint
-    from cellseg.checkpoint.keys import manifest
     from cellseg.checkpoint.sidecar import CorruptCheckpoint, read_payload, read_sidecar
     from cellseg.checkpoint.weights import check_compatibility
 
@@ -173,7 +182,7 @@ def check_checkpoint(path: str | Path, cfg: Any, num_classes: int | None = None)
     except CorruptCheckpoint:
         payload = read_payload(path)
         meta = {"arch": payload.get("arch"), "lora": payload.get("lora"), "phase": payload.get("phase"),
-                "manifest": manifest(payload["model"])}
+                "manifest": full_manifest(payload), "base_weights": payload.get("base_weights")}
         del payload
     if num_classes is None:
         num_classes = int((meta.get("arch") or {}).get("num_classes") or 1)
@@ -223,6 +232,10 @@ def run_check(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.ckpt_command == "inspect":
         return run_inspect(args.path, args.json)
+    if args.ckpt_command == "export":
+        from cellseg.commands.ckpt_export import run_export
+
+        return run_export(args)
     return run_check(args)
 
 

@@ -351,7 +351,7 @@ def stand_in_encoder(encoder: str) -> str:
 class SyntheticDisks(torch.utils.data.Dataset):
     """Images with a few disks of each class (MONAI-style ``np.ogrid``), with the training targets."""
 
-    def __init__(self, n: int, size: int, num_classes: int, seed: int = 0):
+    def __init__(self, n: int, size: int, num_classes: int, seed: int = 0, normalization: dict | None = None):
         from cellseg.imageops import normalize_image
 
         self.items = []
@@ -370,7 +370,7 @@ class SyntheticDisks(torch.utils.data.Dataset):
                 img[disk] = (190 - 20 * (k % 3), 70, 90 + 30 * (k % 2))
                 ys, xs = np.nonzero(disk)
                 hv[0, ys, xs], hv[1, ys, xs] = (xs - cx) / r, (ys - cy) / r
-            self.items.append({"image": normalize_image(img), "np": torch.from_numpy((inst > 0).astype(np.int64)),
+            self.items.append({"image": normalize_image(img, normalization), "np": torch.from_numpy((inst > 0).astype(np.int64)),
                                "hv": torch.from_numpy(np.clip(hv, -1, 1)), "nc": torch.from_numpy(types),
                                "ignore": torch.zeros(size, size, dtype=torch.bool),
                                "inst_map": torch.from_numpy(inst), "index": torch.tensor(i)})
@@ -433,7 +433,8 @@ def check_steps(cfg: Config, num_classes: int, report: Report) -> None:
             model = build_model_from_config(tiny, num_classes=num_classes)
             n_lora = configure_phase(model, tiny)
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
-            data = SyntheticDisks(STEP_COUNT * max(tiny.GRAD_ACCUM_TARGET, STEP_BATCH), STEP_SIZE, num_classes)
+            data = SyntheticDisks(STEP_COUNT * max(tiny.GRAD_ACCUM_TARGET, STEP_BATCH), STEP_SIZE, num_classes,
+                                  normalization=model.arch["normalization"])
             ctx = RunContext(tiny, DistEnv(), torch.device("cpu"), Path(tiny.RUN_DIR))
             ckpt = CheckpointManager(tiny.checkpoint_dir(), phase=tiny.PHASE, keep_last=1, code_version="preflight")
             trainer = Trainer(ctx, model, loss_from_config(tiny, num_classes), data, validate_fn=None, ckpt=ckpt,

@@ -62,9 +62,11 @@ class CellDataset(Dataset):
         seed: base seed (>= 0) of every random choice.
         class_names: expected class names; must equal the cache's (guards against a cache of another dataset).
         augment_config: probabilities and ranges of the augmentations (defaults when None).
+        normalization: the encoder's input normalisation {'mean', 'std'} (the model's ``arch['normalization']``, see
+            :mod:`cellseg.model.normalization`); None = ImageNet statistics.
 
     Items (``P`` = patch size, or the image size when ``patch_size`` is None): ``image`` float32 (3, P, P) normalised
-    with ImageNet statistics; ``np`` int64 (P, P) in {0, 1}; ``hv`` float32 (2, P, P); ``nc`` int64 (P, P) in 0..C;
+    with ``normalization``; ``np`` int64 (P, P) in {0, 1}; ``hv`` float32 (2, P, P); ``nc`` int64 (P, P) in 0..C;
     ``ignore`` bool (P, P); ``inst_map`` int64 (P, P); ``index`` int64 scalar.
     """
 
@@ -78,6 +80,7 @@ class CellDataset(Dataset):
         seed: int,
         class_names: list[str] | None = None,
         augment_config: AugmentConfig | None = None,
+        normalization: dict | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
@@ -105,6 +108,7 @@ class CellDataset(Dataset):
         self.augment = augment
         self.seed = int(seed)
         self.augment_config = augment_config or AugmentConfig()
+        self.normalization = dict(normalization) if normalization else None
         self._pipeline = build_augmentation(self.augment_config) if augment else None
         self._image_counts = {n: manifest.get("image_counts", {}).get(f"{split}/{n}") for n in self.names}
         # shared memory, so persistent DataLoader workers see set_epoch from the main process
@@ -185,7 +189,7 @@ class CellDataset(Dataset):
         inst = relabel_consecutive(inst)
         types = np.where(inst > 0, types, 0)
         return {
-            "image": normalize_image(np.ascontiguousarray(image)),
+            "image": normalize_image(np.ascontiguousarray(image), self.normalization),
             Branch.NP.value: torch.from_numpy((inst > 0).astype(np.int64)),
             Branch.HV.value: torch.from_numpy(hv_maps(inst)),
             Branch.NC.value: torch.from_numpy(types.astype(np.int64)),

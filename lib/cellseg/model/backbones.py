@@ -103,27 +103,20 @@ def default_indices(depth: int) -> list[int]:
     return sorted({max(0, round(depth * k / 4) - 1) for k in (1, 2, 3, 4)})
 
 
-def _load_weights(core: nn.Module, path: Path, encoder: str) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise RuntimeError(f"ENCODER_WEIGHTS {path} could not be read as a PyTorch state dict ({type(e).__name__}: {e}). "
-                           f"Download it again; it must be the plain state dict of '{encoder}'.") from e
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    own = core.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        raise RuntimeError(
-            f"ENCODER_WEIGHTS {path} does not fit ENCODER='{encoder}': {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}), {len(wrong)} shape mismatches (file vs model, "
-            f"e.g. {wrong[:3]}). Check that the file holds the '{encoder}' weights."
-        )
-    core.load_state_dict(state, strict=True)
-    log.info("loaded encoder weights from %s (strict, %d tensors)", path, len(state))
+def _load_weights(core: nn.Module, path: Path, encoder: str, arch: str, kwargs: dict, *, features: bool) -> dict:
+    """Load ``path`` into ``core``; returns the file's identity (name, path, size, SHA-256) and the core keys it
+    filled, which compact checkpoints leave out while they stay frozen."""
+    from cellseg.checkpoint.fingerprint import file_identity
+    from cellseg.model.encoder_weights import load_encoder_weights
+
+    full_keys = None
+    if features:  # the classifier architecture on the meta device: which file keys are layers features_only cuts off
+        with torch.device("meta"):
+            full = timm.create_model(arch, pretrained=False, **kwargs)
+        full_keys = {k: tuple(v.shape) for k, v in full.state_dict().items()}
+    report = load_encoder_weights(core, path, encoder, full_keys)
+    return {**file_identity(path), "keys": list(core.state_dict()), "dropped": report.dropped_head
+            + report.dropped_unused}
 
 
 def build_backbone(encoder: str, weights: str = "", indices: list[int] | None = None, *,
@@ -133,7 +126,8 @@ def build_backbone(encoder: str, weights: str = "", indices: list[int] | None = 
     Args:
         encoder: 'uni', 'uni2', any timm ViT name (e.g. 'test_vit', 'vit_tiny_patch16_224') or a timm CNN
             ('resnet50', 'efficientnet_b4', ...).
-        weights: local state-dict file, or '' / 'none' for random init. Required for 'uni' and 'uni2'.
+        weights: local weights file (``.safetensors``, or a ``.pt`` / ``.pth`` / ``.bin`` state dict; a classifier
+            head is dropped with a log line), or '' / 'none' for random init. Required for 'uni' and 'uni2'.
         indices: ViT blocks whose tokens feed the decoder; empty = four evenly spaced blocks.
         load_weights: False builds the same architecture with random weights and never touches ``weights`` (for
             shape-only uses on a login node: compatibility checks, memory estimates).
@@ -159,17 +153,26 @@ def build_backbone(encoder: str, weights: str = "", indices: list[int] | None = 
         hint = UNI_WEIGHTS_HINT if encoder in FOUNDATION_MODELS else "Copy the state dict there or set ENCODER_WEIGHTS=''."
         raise FileNotFoundError(f"ENCODER_WEIGHTS file {weights} does not exist. {hint}")
     if encoder in FOUNDATION_MODELS or _is_vit(arch):
-        core = (timm.create_model(arch, pretrained=False, **kwargs) if kwargs
-                else timm.create_model(arch, pretrained=False, num_classes=0, dynamic_img_size=True))
-        if weights:
-            _load_weights(core, Path(weights), encoder)
-        return ViTBackbone(core, list(indices) if indices else default_indices(len(core.blocks)))
+        kwargs = kwargs or dict(num_classes=0, dynamic_img_size=True)
+        core = timm.create_model(arch, pretrained=False, **kwargs)
+        source = _load_weights(core, Path(weights), encoder, arch, kwargs, features=False) if weights else None
+        backbone = ViTBackbone(core, list(indices) if indices else default_indices(len(core.blocks)))
+        return _with_source(backbone, source)
     if indices:
         raise ValueError(f"ENCODER_INDICES applies to ViT encoders only; '{encoder}' is a CNN. Set ENCODER_INDICES=[].")
     core = timm.create_model(arch, pretrained=False, features_only=True)
-    if weights:
-        _load_weights(core, Path(weights), encoder)
-    return CNNBackbone(core)
+    source = _load_weights(core, Path(weights), encoder, arch, {}, features=True) if weights else None
+    return _with_source(CNNBackbone(core), source)
+
+
+def _with_source(backbone: nn.Module, source: dict | None) -> nn.Module:
+    """Attach the weights file's identity; only the keys that survived pruning (ViT blocks past the deepest tapped
+    one, the final norm) still come from the file."""
+    if source is not None:
+        own = set(backbone.core.state_dict())
+        source["keys"] = [k for k in source["keys"] if k in own]
+    backbone.weights_source = source
+    return backbone
 
 
 def _is_vit(arch: str) -> bool:

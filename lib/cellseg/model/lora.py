@@ -93,6 +93,8 @@ def merge_lora(model: nn.Module) -> int:
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
             merged += 1
+            # the merged weight no longer holds the base file's values: compact checkpoints must store it
+            getattr(model, "base_keys", set()).discard(f"{name}.weight")
     if hasattr(model, "lora_config"):
         model.lora_config = None
         model.arch["lora"] = None

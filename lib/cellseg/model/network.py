@@ -3,6 +3,8 @@ handling (no activations kept, norm/dropout layers held in eval mode)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,6 +12,8 @@ from torch import nn
 from cellseg.branches import Branch
 from cellseg.model.backbones import build_backbone
 from cellseg.model.decoders import DECODERS
+
+log = logging.getLogger(__name__)
 
 
 class CellSegModel(nn.Module):
@@ -21,6 +25,12 @@ class CellSegModel(nn.Module):
         self.decoder = decoder
         self.arch = arch  # plain dict: the architecture fingerprint stored in checkpoints
         self.lora_config: dict | None = None
+        # The encoder weights file's identity (file, path, size, sha256) and the canonical keys still holding its
+        # values: compact checkpoints leave those out while they are frozen (cellseg.checkpoint.base). A load that
+        # writes other values into one of them removes it from base_keys.
+        source = getattr(encoder, "weights_source", None)
+        self.base_weights: dict | None = {k: source[k] for k in ("file", "path", "size", "sha256")} if source else None
+        self.base_keys: set[str] = {f"encoder.core.{k}" for k in source["keys"]} if source else set()
 
     @property
     def encoder_frozen(self) -> bool:
@@ -54,17 +64,22 @@ class CellSegModel(nn.Module):
 
 
 def build_model(encoder: str, *, num_classes: int, decoder: str = "hovernet", weights: str = "",
-                indices: list[int] | None = None, width: int = 64, load_weights: bool = True) -> CellSegModel:
+                indices: list[int] | None = None, width: int = 64, load_weights: bool = True,
+                norm_mean: list | None = None, norm_std: list | None = None) -> CellSegModel:
     """Build encoder + decoder from the parameters ``ENCODER``, ``DECODER``, ``ENCODER_WEIGHTS``, ``ENCODER_INDICES``,
-    ``DECODER_WIDTH``; ``num_classes`` counts cell classes without background.
+    ``DECODER_WIDTH``, ``NORM_MEAN``, ``NORM_STD``; ``num_classes`` counts cell classes without background. The input
+    normalisation (see :mod:`cellseg.model.normalization`) goes into ``arch['normalization']``.
 
     Raises:
-        ValueError: unknown decoder or encoder, or a non-positive class count.
+        ValueError: unknown decoder or encoder, a non-positive class count, or a bad normalisation.
     """
+    from cellseg.model.normalization import resolve_normalization
+
     if decoder not in DECODERS:
         raise ValueError(f"DECODER must be one of {list(DECODERS)}, got '{decoder}'.")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1 (cell classes, background excluded), got {num_classes}.")
+    norm, norm_source = resolve_normalization(encoder, weights, norm_mean, norm_std)
     backbone = build_backbone(encoder, weights, indices, load_weights=load_weights)
     head = DECODERS[decoder](backbone.family, backbone.out_channels, num_classes, width)
     arch = {
@@ -77,11 +92,14 @@ def build_model(encoder: str, *, num_classes: int, decoder: str = "hovernet", we
         "decoder_width": width,
         "num_classes": num_classes,
         "branches": [b.value for b in Branch],
+        "normalization": norm,
     }
+    log.info("input normalisation mean %s std %s (from %s)", norm["mean"], norm["std"], norm_source)
     return CellSegModel(backbone, head, arch)
 
 
 def build_model_from_config(cfg, num_classes: int, *, load_weights: bool = True) -> CellSegModel:
     """:func:`build_model` with the values of a :class:`cellseg.config.Config`."""
     return build_model(cfg.ENCODER, num_classes=num_classes, decoder=cfg.DECODER, weights=cfg.ENCODER_WEIGHTS,
-                       indices=list(cfg.ENCODER_INDICES), width=cfg.DECODER_WIDTH, load_weights=load_weights)
+                       indices=list(cfg.ENCODER_INDICES), width=cfg.DECODER_WIDTH, load_weights=load_weights,
+                       norm_mean=list(cfg.NORM_MEAN), norm_std=list(cfg.NORM_STD))

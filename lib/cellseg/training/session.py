@@ -30,12 +30,16 @@ def load_training_data(cfg: Config) -> TrainData:
     """Open the prepared cache (written by notebooks/00_prepare_data.ipynb) for training and validation."""
     from cellseg.data import CellDataset, sample_weights
     from cellseg.data.provenance import check_cache
+    from cellseg.model.normalization import resolve_normalization
 
     manifest = check_cache(cfg)  # refuses a cache prepared for other parameters (DATASET, DATA_ROOT, SEED, ...)
     names = list(manifest["class_names"])
+    # the same resolution build_model_from_config makes; build_trainer checks that both agree
+    norm, _ = resolve_normalization(cfg.ENCODER, cfg.ENCODER_WEIGHTS, cfg.NORM_MEAN, cfg.NORM_STD)
     train = CellDataset(cfg.data_cache, "train", patch_size=cfg.PATCH_SIZE, augment=cfg.AUGMENT, seed=cfg.SEED,
-                        class_names=names)
-    val = CellDataset(cfg.data_cache, "val", patch_size=None, augment=False, seed=cfg.SEED, class_names=names)
+                        class_names=names, normalization=norm)
+    val = CellDataset(cfg.data_cache, "val", patch_size=None, augment=False, seed=cfg.SEED, class_names=names,
+                      normalization=norm)
     weights = sample_weights(train) if cfg.OVERSAMPLE_RARE else None
     log.info("data: %d training / %d validation images, classes %s (cache %s)", len(train), len(val), names,
              cfg.data_cache)
@@ -58,10 +62,16 @@ def build_trainer(cfg: Config, ctx: RunContext, model, data: TrainData):
     """Loss, checkpoint manager, stop request, validation, optimizer and scheduler (built before any state is loaded)."""
     from cellseg.checkpoint import CheckpointManager
     from cellseg.losses import loss_from_config
+    from cellseg.model.normalization import model_normalization
     from cellseg.stopping import StopRequest
     from cellseg.training.trainer import Trainer, autocast_context, resolve_precision
     from cellseg.training.validation import run_validation
 
+    for ds in (data.train, data.val):
+        if getattr(ds, "normalization", None) is not None and ds.normalization != model_normalization(model):
+            raise ValueError(f"the {ds.split} data are normalised with {ds.normalization} but the model expects "
+                             f"{model_normalization(model)}: build both from the same cfg (NORM_MEAN / NORM_STD, "
+                             "ENCODER, ENCODER_WEIGHTS) by re-running the data and model cells.")
     loss_fn = loss_from_config(cfg, len(data.class_names))
     ckpt = CheckpointManager(cfg.checkpoint_dir(), phase=cfg.PHASE, keep_last=cfg.KEEP_LAST, is_main=ctx.is_main,
                              barrier=barrier, code_version=__version__)
