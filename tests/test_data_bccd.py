@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import xml.etree.ElementTree as ET
@@ -297,8 +298,10 @@ def test_bad_archives_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             zf.writestr("something/else.txt", "x")
         else:
             zf.writestr("x/BCCD/../../evil.txt", "x")
-    with pytest.raises(FileNotFoundError, match="could not be downloaded"):
-        bccd.download_bccd(tmp_path / "out", url=(tmp_path / "a.zip").as_uri())
+    sha = hashlib.sha256((tmp_path / "a.zip").read_bytes()).hexdigest()  # a verified archive, refused for its content
+    with pytest.raises(FileNotFoundError, match="could not be downloaded.*" + ("no BCCD/ folder" if kind == "no_bccd"
+                                                                                else "unsafe path")):
+        bccd.download_bccd(tmp_path / "out", url=(tmp_path / "a.zip").as_uri(), sha256=sha)
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "out").exists()
 
 
