@@ -108,6 +108,9 @@ def test_wheel_without_the_tile_and_unknown_dataset(served, tmp_path):
 
 
 def test_pinned_sources_are_a_commit_and_a_wheel_file():
+    from cellseg.commands.data import DATASETS
+
+    assert DATASETS == fetch_mod.DATASETS
     assert bccd.BCCD_URL == f"https://github.com/Shenggan/BCCD_Dataset/archive/{bccd.BCCD_COMMIT}.zip"
     assert "master" not in bccd.BCCD_URL and "heads" not in bccd.BCCD_URL
     assert fetch_mod.STARDIST_WHEEL_URL.endswith(".whl") and len(fetch_mod.STARDIST_WHEEL_SHA256) == 64

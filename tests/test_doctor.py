@@ -107,3 +107,10 @@ def test_low_disk_warns(tmp_path, monkeypatch):
     monkeypatch.setattr(doctor, "FREE_DISK_WARN_GB", 1e12)
     check = doctor.check_disk(tmp_path / "a" / "b")
     assert check.verdict == "WARN" and f"at {tmp_path}" in check.detail and "may not fit" in check.detail
+
+
+def test_only_the_named_checks(capsys):
+    code, checks = _checks(capsys, "--checks", "parameters,data", "--", "-f", str(TINY))
+    assert code == 0 and sorted(checks) == ["data", "parameters"]
+    assert cli_main(["doctor", "--checks", "parameters,gpuu"]) == 2
+    assert "--checks: unknown ['gpuu']" in capsys.readouterr().err

@@ -79,7 +79,8 @@ def render(file_name: str) -> str:
 
 
 def resolve(file_name: str, *, with_torch: bool = True) -> dict:
-    """Dry-run pip's resolver for one file's pip list (Linux x86-64, CPython 3.11, wheels only); without the torch
+    """Dry-run pip's resolver for one file's pip list with this interpreter (run it with a CPython 3.11 on Linux
+    x86-64, the environments' target); without the torch
     pair and its extra index when ``with_torch`` is False (the part PyPI alone must solve)."""
     import yaml
 
@@ -92,8 +93,7 @@ def resolve(file_name: str, *, with_torch: bool = True) -> dict:
         reqs.write_text("\n".join(pip_list) + "\n")
         report = Path(tmp) / "report.json"
         cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed", "--report",
-               str(report), "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
-               "--retries", "1", "--timeout", "15", "-r", str(reqs)]
+               str(report), "--retries", "1", "--timeout", "15", "-r", str(reqs)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             return {"file": file_name, "with_torch": with_torch, "ok": False,

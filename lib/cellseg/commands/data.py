@@ -10,10 +10,11 @@ import argparse
 import sys
 from typing import Any
 
+# = cellseg.data.fetch.DATASETS, repeated so that `cellseg --help` does not import the data package (and torch).
+DATASETS = ("bccd", "dsb2018-tile")
+
 
 def add_parser(subparsers: Any) -> None:
-    from cellseg.data.fetch import DATASETS
-
     p = subparsers.add_parser("data", help="fetch the public datasets (pinned, SHA-256 verified)")
     sub = p.add_subparsers(dest="data_command", required=True)
     f = sub.add_parser("fetch", help="download a dataset into DIR, verified against its pinned SHA-256",

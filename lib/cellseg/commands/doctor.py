@@ -12,6 +12,7 @@ run it in the job header and stop there), else 0.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import os
@@ -148,8 +149,6 @@ def check_jupyter(kernel: str) -> list[Check]:
 
 
 def check_weights(cfg: Any, root: Path, hash_weights: bool, required: bool = True) -> Check:
-    from cellseg.data.download import sha256_file
-
     if not cfg.ENCODER_WEIGHTS:
         return Check("weights", INFO, f"ENCODER={cfg.ENCODER!r} with ENCODER_WEIGHTS empty: random initialisation")
     path = Path(cfg.ENCODER_WEIGHTS)
@@ -163,7 +162,11 @@ def check_weights(cfg: Any, root: Path, hash_weights: bool, required: bool = Tru
     size = path.stat().st_size
     detail = f"{path} ({size / 1e6:.1f} MB)"
     if hash_weights:
-        detail += f", SHA-256 {sha256_file(path)}"
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+        detail += f", SHA-256 {h.hexdigest()}"
     return Check("weights", OK, detail)
 
 
@@ -211,16 +214,29 @@ def check_disk(run_dir: Path) -> Check:
                  + ("" if verdict == OK else f"; under {FREE_DISK_WARN_GB:.0f} GB: checkpoints may not fit"))
 
 
+CHECK_NAMES = ("python", "cellseg", "torch", "torchvision", "parameters", "gpu", "kernelspec", "jupyterlab",
+               "ipywidgets", "data", "weights", "disk", "slurm")
+
+
 def diagnose(papermill_args: list[str], notebook: str = "01_train", kernel: str = "cellseg",
-             root: Path | None = None, hash_weights: bool = True) -> list[Check]:
-    """Every check, in report order."""
+             root: Path | None = None, hash_weights: bool = True, only: set[str] | None = None) -> list[Check]:
+    """Every check (or those named in ``only``), in report order."""
     from cellseg.config import ConfigError, resolve_config
     from cellseg.slurm_helpers import SlurmHelperError, parse_papermill_args
 
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
     root = (root or Path.cwd()).resolve()
-    checks = [check_python(), check_cellseg()]
-    torch_check, cuda_build = check_torch(Path(sys.prefix) / "cellseg-torch.json")
-    checks += [torch_check, check_torchvision()]
+    checks = [c for c in (check_python() if wanted("python") else None,
+                          check_cellseg() if wanted("cellseg") else None) if c]
+    cuda_build = None
+    if wanted("torch") or wanted("gpu"):
+        torch_check, cuda_build = check_torch(Path(sys.prefix) / "cellseg-torch.json")
+        if wanted("torch"):
+            checks.append(torch_check)
+    if wanted("torchvision"):
+        checks.append(check_torchvision())
     cfg = None
     try:
         params, _ = parse_papermill_args(papermill_args)
@@ -228,35 +244,54 @@ def diagnose(papermill_args: list[str], notebook: str = "01_train", kernel: str 
         checks.append(Check("parameters", OK, f"notebooks/{notebook}.ipynb accepts {papermill_args or 'the defaults'}"))
     except (ConfigError, SlurmHelperError) as e:
         checks.append(Check("parameters", FAIL, str(e)))
-    checks.append(check_gpu(cuda_build, cfg.DEVICE if cfg else "auto"))
-    checks += check_jupyter(kernel)
+    if not wanted("parameters"):
+        checks.pop()
+    if wanted("gpu"):
+        checks.append(check_gpu(cuda_build, cfg.DEVICE if cfg else "auto"))
+    checks += [c for c in check_jupyter(kernel) if wanted(c.name)] if any(map(wanted, CHECK_NAMES[6:9])) else []
     if cfg is not None:
-        if notebook != "02_evaluate":
+        if notebook != "02_evaluate" and wanted("data"):
             checks.append(check_data(cfg, root))
-        checks.append(check_weights(cfg, root, hash_weights, required=notebook == "01_train"))
+        if wanted("weights"):
+            checks.append(check_weights(cfg, root, hash_weights, required=notebook == "01_train"))
         run_dir = Path(cfg.RUN_DIR)
-        checks.append(check_disk(run_dir if run_dir.is_absolute() else root / run_dir))
-    checks.append(check_slurm())
+        if wanted("disk"):
+            checks.append(check_disk(run_dir if run_dir.is_absolute() else root / run_dir))
+    if wanted("slurm"):
+        checks.append(check_slurm())
     return checks
 
 
-def add_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("doctor", help="check the installation and a run's inputs, one verdict per line",
-                              description=__doc__.split("\n\n")[0].replace("\n", " "))
+def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--notebook", default="01_train", choices=("00_prepare_data", "01_train", "02_evaluate"),
                    help="whose parameters the papermill arguments are (default 01_train)")
     p.add_argument("--kernel", default=os.environ.get("CELLSEG_KERNEL", "cellseg"), help="kernelspec name")
     p.add_argument("--no-hash", dest="hash_weights", action="store_false", help="skip the weights file's SHA-256")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.add_argument("--checks", default=None, metavar="NAME,...",
+                   help=f"only these checks (comma-separated, from {', '.join(CHECK_NAMES)})")
     p.add_argument("papermill_args", nargs=argparse.REMAINDER,
                    help="after --: the run's papermill arguments (-f FILE, -p NAME VALUE, -r, -y)")
+    return p
+
+
+def add_parser(subparsers: Any) -> None:
+    _configure(subparsers.add_parser("doctor", help="check the installation and a run's inputs, one verdict per line",
+                                     description=__doc__.split("\n\n")[0].replace("\n", " ")))
 
 
 def run(args: argparse.Namespace) -> int:
     pm_args = list(args.papermill_args)
     if pm_args[:1] == ["--"]:
         pm_args = pm_args[1:]
-    checks = diagnose(pm_args, args.notebook, args.kernel, hash_weights=args.hash_weights)
+    only = None
+    if args.checks:
+        only = {c.strip() for c in args.checks.split(",") if c.strip()}
+        unknown = sorted(only - set(CHECK_NAMES))
+        if unknown:
+            print(f"cellseg doctor: --checks: unknown {unknown}; choose from {', '.join(CHECK_NAMES)}", file=sys.stderr)
+            return 2
+    checks = diagnose(pm_args, args.notebook, args.kernel, hash_weights=args.hash_weights, only=only)
     if args.json:
         print(json.dumps([asdict(c) for c in checks], indent=1))
     else:
@@ -267,3 +302,13 @@ def run(args: argparse.Namespace) -> int:
     if failed and not args.json:
         print(f"cellseg doctor: FAIL in {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cellseg.commands.doctor``: the same without loading the other subcommands (and torch) first."""
+    parser = _configure(argparse.ArgumentParser(prog="cellseg doctor", description=__doc__.split("\n\n")[0]))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
