@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
@@ -72,5 +71,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    tempfile.tempdir = None  # respect $TMPDIR set for the job
     sys.exit(main())
