@@ -286,6 +286,8 @@ def test_download_unpacks_the_archive(
     names = {"train": ["BloodImage_00000"], "val": ["BloodImage_00001"], "test": ["BloodImage_00003"]}
     _zip_subset(bccd_root, tmp_path / "master.zip", names)
     monkeypatch.setattr(bccd, "BCCD_URL", (tmp_path / "master.zip").as_uri())
+    # the pinned hash is checked before unpacking: pin this archive's
+    monkeypatch.setattr(bccd, "BCCD_ARCHIVE_SHA256", hashlib.sha256((tmp_path / "master.zip").read_bytes()).hexdigest())
     manifest = prepare_dataset("bccd", tmp_path / "data" / "BCCD", tmp_path / "cache", progress=False)
     assert (tmp_path / "data" / "BCCD" / "JPEGImages" / "BloodImage_00000.jpg").exists()
     assert manifest["splits"] == {k: v for k, v in names.items()}
