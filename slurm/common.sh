@@ -237,8 +237,8 @@ cs_rank_exec() {
   fi
   # Per job and rank, on node-local disk: the kernel's connection file and IPC sockets, and IPython's history
   # database (SQLite on a shared home fails when several kernels start at once). Short: socket paths are limited.
-  local scratch="${TMPDIR:-/tmp}/cellseg-${CS_JOB_ID:-$$}-r$rank"
-  export JUPYTER_RUNTIME_DIR="$scratch/runtime" IPYTHONDIR="$scratch/ipython"
+  local scratch="${TMPDIR:-/tmp}/cs-${SLURM_JOB_ID:-$$}-r$rank"
+  export JUPYTER_RUNTIME_DIR="$scratch/rt" IPYTHONDIR="$scratch/ipython"
   mkdir -p "$JUPYTER_RUNTIME_DIR" "$IPYTHONDIR"
   # cellseg.kernels is papermill with kernels on IPC sockets (no "running over TCP without encryption" warnings).
   exec "${CS_PY:-python}" -m cellseg.kernels "$CS_NB_IN" "$out" -k "$CELLSEG_KERNEL" --cwd "$CELLSEG_ROOT" \

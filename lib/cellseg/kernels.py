@@ -11,12 +11,15 @@ need no free port (no clash between kernels starting at once on a shared node).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
 from traitlets import default
+
+log = logging.getLogger(__name__)
 
 # Unix socket paths are limited to 107 bytes (sun_path); the kernel adds "-<port>" to "<connection file>-ipc".
 MAX_SOCKET_PATH = 100
@@ -35,7 +38,11 @@ class IPCKernelManager(AsyncKernelManager):
     @default("transport")
     def _default_transport(self) -> str:
         probe = os.path.join(runtime_dir(), "kernel-00000000-0000-0000-0000-000000000000-ipc-12345")
-        return "ipc" if len(probe) <= MAX_SOCKET_PATH else "tcp"
+        if len(probe) <= MAX_SOCKET_PATH:
+            return "ipc"
+        log.warning("Jupyter runtime directory %s is too long for Unix sockets (%d > %d characters): the kernel uses "
+                    "TCP; set JUPYTER_RUNTIME_DIR to a shorter path", runtime_dir(), len(probe), MAX_SOCKET_PATH)
+        return "tcp"
 
 
 def engine_kwargs() -> dict[str, Any]:
