@@ -35,11 +35,15 @@ STREAMED = _Lines()  # what the notebooks printed while they ran (papermill's lo
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("workflow") / "run"
-    logging.getLogger("papermill").addHandler(STREAMED)
+    logger = logging.getLogger("papermill")
+    level = logger.level
+    logger.addHandler(STREAMED)
+    logger.setLevel(logging.INFO)  # log_output writes at INFO
     try:
         run_workflow(run_dir, TINY, log_output=True)
     finally:
-        logging.getLogger("papermill").removeHandler(STREAMED)
+        logger.removeHandler(STREAMED)
+        logger.setLevel(level)
     return run_dir
 
 
