@@ -50,10 +50,10 @@ fails="$(grep -E '^FAIL +(parameters|data|weights) ' <<<"$doctor")"
 [[ -z $fails ]] || die "cellseg doctor: ${fails//$'\n'/; } (nothing submitted)"
 
 has_name=0
-for o in "${sbatch_opts[@]}"; do [[ $o == --job-name* || $o == -J* ]] && has_name=1; done
+for o in ${sbatch_opts[@]+"${sbatch_opts[@]}"}; do [[ $o == --job-name* || $o == -J* ]] && has_name=1; done
 if (( ! has_name )); then
   [[ $mode == eval ]] || name="$name-p$CS_PHASE"
-  sbatch_opts=(--job-name="$name" "${sbatch_opts[@]}")
+  sbatch_opts=(--job-name="$name" ${sbatch_opts[@]+"${sbatch_opts[@]}"})
 fi
 cmd=(sbatch "${sbatch_opts[@]}" "slurm/$script" "$@")
 printf 'submit.sh: %s\n' "${cmd[*]}"

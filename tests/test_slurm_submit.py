@@ -55,3 +55,9 @@ def test_dry_run_and_own_job_name(tmp_path):
     out, sbatch = _submit(tmp_path, "--dry-run", "eval", "-J", "mine", "--", "-f", str(TINY))
     assert out.returncode == 0 and sbatch is None
     assert f"submit.sh: sbatch -J mine slurm/slurm_eval.sh -f {TINY}" in out.stdout
+
+
+def test_no_sbatch_options(tmp_path):
+    out, _ = _submit(tmp_path, "--dry-run", "train", "--", "-f", str(TINY))
+    assert out.returncode == 0, out.stderr
+    assert f"submit.sh: sbatch --job-name=cellseg-train-p1 slurm/slurm_train.sh -f {TINY}" in out.stdout
