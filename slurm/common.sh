@@ -98,17 +98,6 @@ cs_doctor() {
   (( rc == 0 )) || cs_die "cellseg doctor found a problem (the FAIL lines above); fix it before the job runs (data: fetch it on a login node, e.g. cellseg data fetch bccd DIR; see HPC_SETUP_GUIDE.md)"
 }
 
-# cs_name_job: per-phase job names in squeue (cellseg-train-p2), unless the user chose a name at submission.
-cs_name_job() {
-  [[ -n ${SLURM_JOB_ID:-} ]] || return 0
-  case "${SLURM_JOB_NAME:-}" in
-    cellseg-train|cellseg-ddp)
-      scontrol update JobId="$SLURM_JOB_ID" JobName="$SLURM_JOB_NAME-p$CS_PHASE" >/dev/null 2>&1 \
-        && cs_log "job name: $SLURM_JOB_NAME-p$CS_PHASE" ;;
-  esac
-  return 0
-}
-
 # cs_resolve_run NOTEBOOK ARGS...: validate the papermill arguments; sets CS_RUN_DIR, CS_STATUS_FILE, ... (CS_*).
 cs_resolve_run() {
   local notebook="$1"; shift
@@ -336,7 +325,6 @@ cs_begin() {
 cs_train_job() {
   local mode="$1"; shift
   cs_begin 01_train "$@"
-  cs_name_job
   # Only training jobs turn signals into STOP files: an evaluation sharing the RUN_DIR must never stop a training.
   cs_install_traps
   cs_clear_stale_stop
