@@ -92,7 +92,10 @@ cs_setup_env() {
 cs_doctor() {
   local notebook="$1"; shift
   local out rc
-  out="$("$CS_PY" -m cellseg.commands.doctor --notebook "$notebook" --kernel "$CELLSEG_KERNEL" -- "$@" 2>&1)"; rc=$?
+  # Without torchvision's operator test and the Jupyter lines (the kernelspec was checked above): those import torch
+  # and JupyterLab, seconds every job would pay; the GPU line imports torch only when there is a GPU.
+  out="$("$CS_PY" -m cellseg.commands.doctor --notebook "$notebook" --kernel "$CELLSEG_KERNEL" \
+    --checks python,cellseg,torch,gpu,parameters,data,weights,disk,slurm -- "$@" 2>&1)"; rc=$?
   cs_log "cellseg doctor:"
   printf '%s\n' "$out" | sed 's/^/    /'
   (( rc == 0 )) || cs_die "cellseg doctor found a problem (the FAIL lines above); fix it before the job runs (data: fetch it on a login node, e.g. cellseg data fetch bccd DIR; see HPC_SETUP_GUIDE.md)"

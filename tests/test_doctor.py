@@ -114,3 +114,21 @@ def test_only_the_named_checks(capsys):
     assert code == 0 and sorted(checks) == ["data", "parameters"]
     assert cli_main(["doctor", "--checks", "parameters,gpuu"]) == 2
     assert "--checks: unknown ['gpuu']" in capsys.readouterr().err
+
+
+def test_torch_build_is_read_without_importing_torch(tmp_path, monkeypatch):
+    import importlib.machinery
+
+    import torch
+
+    assert doctor.torch_build() == (torch.__version__, torch.version.cuda)
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "version.py").write_text("__version__ = '2.14.1+cpu'\ndebug = False\ncuda: Optional[str] = None\n")
+    spec = importlib.machinery.ModuleSpec("torch", None, is_package=True)
+    spec.submodule_search_locations = [str(fake)]
+    monkeypatch.setattr(doctor.importlib.util, "find_spec", lambda name: spec)
+    assert doctor.torch_build() == ("2.14.1+cpu", None)
+    monkeypatch.setattr(doctor.importlib.util, "find_spec", lambda name: None)
+    check, cuda = doctor.check_torch(tmp_path / "no-report.json")
+    assert check.verdict == "FAIL" and "cannot find torch" in check.detail and cuda is None

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,13 +58,28 @@ def check_cellseg() -> Check:
     return Check("cellseg", OK, f"imported from {Path(cellseg.__file__).parent}")
 
 
+def torch_build() -> tuple[str, str | None]:
+    """(torch.__version__, torch.version.cuda), read from torch/version.py when possible: importing torch takes
+    seconds, which every job header would pay."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("No module named 'torch'")
+    text = (Path(spec.submodule_search_locations[0]) / "version.py").read_text()
+    version = re.search(r"^__version__\s*=\s*'([^']+)'", text, re.M)
+    cuda = re.search(r"^cuda(?::[^=]*)?=\s*(None|'([^']*)')", text, re.M)
+    if version is None or cuda is None:  # another layout: ask torch itself
+        import torch
+
+        return torch.__version__, torch.version.cuda
+    return version.group(1), cuda.group(2)
+
+
 def check_torch(report_path: Path) -> tuple[Check, str | None]:
     try:
-        import torch
-    except ImportError as e:
-        return Check("torch", FAIL, f"cannot import torch: {e}; run make setup (or conda env create)"), None
-    cuda = torch.version.cuda
-    detail = f"{torch.__version__}, CUDA build {cuda or 'none (CPU only)'}"
+        version, cuda = torch_build()
+    except (ImportError, OSError) as e:
+        return Check("torch", FAIL, f"cannot find torch: {e}; run make setup (or conda env create)"), None
+    detail = f"{version}, CUDA build {cuda or 'none (CPU only)'}"
     verdict = OK
     if report_path.is_file():
         report = json.loads(report_path.read_text())
