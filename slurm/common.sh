@@ -5,9 +5,10 @@
 # What a job does (HPC_SETUP_GUIDE.md has the long version):
 #   1. project root: $CELLSEG_ROOT, else the first directory at or above $SLURM_SUBMIT_DIR holding slurm/common.sh
 #      (sbatch runs a copy of the script from a spool directory, so `dirname $0` would be wrong);
-#   2. environment: $CELLSEG_ENV (a venv or conda prefix), else ROOT/.venv, else the active $VIRTUAL_ENV /
-#      $CONDA_PREFIX; it must import cellseg and papermill; the Jupyter kernelspec $CELLSEG_KERNEL (default cellseg)
-#      must exist and start that environment's python;
+#   2. environment: $CELLSEG_ENV (a venv or conda prefix), else the activated $VIRTUAL_ENV / conda env, else
+#      ROOT/.venv (with a WARNING when an activated env is chosen over an existing ROOT/.venv); it must import cellseg
+#      and papermill; the Jupyter kernelspec $CELLSEG_KERNEL (default cellseg) must exist and start that environment's
+#      python; `cellseg doctor` then logs the set-up and stops the job on a FAIL line (e.g. no data on this node);
 #   3. parameters: all script arguments go to papermill (-f FILE, -p NAME VALUE, -r NAME VALUE, -y YAML, other
 #      papermill options); they are validated first, and RUN_DIR etc. are read from them;
 #   4. job directory RUN_DIR/jobs/<job id>/: executed notebooks (<notebook>.attempt<restart>.ipynb, other ranks
@@ -24,7 +25,8 @@
 #
 # Knobs (environment variables, exported at sbatch time): CELLSEG_ROOT, CELLSEG_ENV, CELLSEG_KERNEL, MAX_REQUEUES,
 # CELLSEG_STOP_MARGIN, CELLSEG_PREPARE (auto|always|never: run 00_prepare_data first when the data cache is missing
-# or was prepared for other parameters), CELLSEG_LAUNCHER (srun|torchrun, DDP only), CELLSEG_RANK_NOTEBOOKS (keep|discard), MASTER_PORT.
+# or was prepared for other parameters), CELLSEG_LAUNCHER (srun|torchrun, DDP only), CELLSEG_RANK_NOTEBOOKS (keep|discard), MASTER_PORT,
+# CELLSEG_KERNEL_START_TIMEOUT (seconds papermill waits for a kernel to start, default 300).
 
 CS_EXIT_FAILED=1
 CS_EXIT_SETUP=2
@@ -54,12 +56,18 @@ cs_find_root() {
 
 # cs_setup_env: choose the environment, put it first on PATH, check cellseg/papermill and the kernelspec.
 cs_setup_env() {
-  local env="${CELLSEG_ENV:-}"
+  local env="${CELLSEG_ENV:-}" why="CELLSEG_ENV"
+  # An environment the user activated before sbatch (exported with the job) wins over ROOT/.venv: it is the one they
+  # installed into. conda's base environment counts only when nothing else is there.
   if [[ -z $env ]]; then
-    if [[ -x $CELLSEG_ROOT/.venv/bin/python ]]; then env="$CELLSEG_ROOT/.venv"
-    elif [[ -n ${VIRTUAL_ENV:-} ]]; then env="$VIRTUAL_ENV"
-    elif [[ -n ${CONDA_PREFIX:-} ]]; then env="$CONDA_PREFIX"
+    if [[ -n ${VIRTUAL_ENV:-} ]]; then env="$VIRTUAL_ENV"; why="the activated virtualenv (VIRTUAL_ENV)"
+    elif [[ -n ${CONDA_PREFIX:-} && ${CONDA_DEFAULT_ENV:-} != base ]]; then env="$CONDA_PREFIX"; why="the activated conda env"
+    elif [[ -x $CELLSEG_ROOT/.venv/bin/python ]]; then env="$CELLSEG_ROOT/.venv"; why="ROOT/.venv (no environment activated)"
+    elif [[ -n ${CONDA_PREFIX:-} ]]; then env="$CONDA_PREFIX"; why="conda's base env (nothing else found)"
     else cs_die "no Python environment: set CELLSEG_ENV to the conda env or venv prefix (conda env create -f environment.yml; see HPC_SETUP_GUIDE.md), or create $CELLSEG_ROOT/.venv with make setup."
+    fi
+    if [[ $env != "$CELLSEG_ROOT/.venv" && -x $CELLSEG_ROOT/.venv/bin/python ]]; then
+      cs_log "WARNING: using $why $env, not $CELLSEG_ROOT/.venv; set CELLSEG_ENV=$CELLSEG_ROOT/.venv (or deactivate before sbatch) to use that one"
     fi
   fi
   [[ -x $env/bin/python ]] || cs_die "CELLSEG_ENV=$env has no bin/python; point it at the environment's prefix (e.g. \$(conda info --base)/envs/cellseg)."
@@ -76,7 +84,21 @@ cs_setup_env() {
   export CELLSEG_KERNEL="${CELLSEG_KERNEL:-cellseg}"
   local spec
   spec="$("$CS_PY" -m cellseg.slurm_helpers check-kernel --name "$CELLSEG_KERNEL" 2>&1)" || cs_die "$spec"
-  cs_log "environment $env ($("$CS_PY" -c 'import sys; print(sys.version.split()[0])')), kernel $CELLSEG_KERNEL at $spec"
+  cs_log "environment $env [$why] ($("$CS_PY" -c 'import sys; print(sys.version.split()[0])')), kernel $CELLSEG_KERNEL at $spec"
+}
+
+# cs_doctor NOTEBOOK ARGS...: `cellseg doctor` for this job's parameters into the log (what a bug report needs); a
+# FAIL line (no data on this node, missing weights, no GPU for DEVICE=cuda, ...) stops the job before it trains.
+cs_doctor() {
+  local notebook="$1"; shift
+  local out rc
+  # Without torchvision's operator test and the Jupyter lines (the kernelspec was checked above): those import torch
+  # and JupyterLab, seconds every job would pay; the GPU line imports torch only when there is a GPU.
+  out="$("$CS_PY" -m cellseg.commands.doctor --notebook "$notebook" --kernel "$CELLSEG_KERNEL" \
+    --checks python,cellseg,torch,gpu,parameters,data,weights,disk,slurm -- "$@" 2>&1)"; rc=$?
+  cs_log "cellseg doctor:"
+  printf '%s\n' "$out" | sed 's/^/    /'
+  (( rc == 0 )) || cs_die "cellseg doctor found a problem (the FAIL lines above); fix it before the job runs (data: fetch it on a login node, e.g. cellseg data fetch bccd DIR; see HPC_SETUP_GUIDE.md)"
 }
 
 # cs_resolve_run NOTEBOOK ARGS...: validate the papermill arguments; sets CS_RUN_DIR, CS_STATUS_FILE, ... (CS_*).
@@ -92,6 +114,7 @@ cs_resolve_run() {
 cs_job_dir() {
   CS_RESTART="${SLURM_RESTART_COUNT:-0}"
   if [[ -n ${SLURM_JOB_ID:-} ]]; then CS_JOB_ID="$SLURM_JOB_ID"; else CS_JOB_ID="local-$(date +%Y%m%dT%H%M%S)-$$"; fi
+  export CS_JOB_ID CS_PY
   export CS_JOB_DIR="$CS_RUN_DIR/jobs/$CS_JOB_ID"
   mkdir -p "$CS_JOB_DIR" || cs_die "cannot create the job directory $CS_JOB_DIR (RUN_DIR=$CS_RUN_DIR)"
   CS_ATTEMPTS="$CS_JOB_DIR/attempts.jsonl"
@@ -204,7 +227,14 @@ cs_rank_exec() {
   else
     out="${CS_NB_OUT%.ipynb}.rank${rank}.ipynb"
   fi
-  exec papermill "$CS_NB_IN" "$out" -k "$CELLSEG_KERNEL" --cwd "$CELLSEG_ROOT" --no-progress-bar "${extra[@]}" "$@"
+  # Per job and rank, on node-local disk: the kernel's connection file and IPC sockets, and IPython's history
+  # database (SQLite on a shared home fails when several kernels start at once). Short: socket paths are limited.
+  local scratch="${TMPDIR:-/tmp}/cs-${SLURM_JOB_ID:-$$}-r$rank"
+  export JUPYTER_RUNTIME_DIR="$scratch/rt" IPYTHONDIR="$scratch/ipython"
+  mkdir -p "$JUPYTER_RUNTIME_DIR" "$IPYTHONDIR"
+  # cellseg.kernels is papermill with kernels on IPC sockets (no "running over TCP without encryption" warnings).
+  exec "${CS_PY:-python}" -m cellseg.kernels "$CS_NB_IN" "$out" -k "$CELLSEG_KERNEL" --cwd "$CELLSEG_ROOT" \
+    --no-progress-bar --start-timeout "${CELLSEG_KERNEL_START_TIMEOUT:-300}" "${extra[@]}" "$@"
 }
 
 # cs_papermill NOTEBOOK LABEL ARGS...: run one notebook in this process (rank 0 only); sets CS_RC.
@@ -285,6 +315,8 @@ cs_check_knobs() {
     || cs_die "MAX_REQUEUES must be a whole number >= 0, got '${MAX_REQUEUES}' (e.g. MAX_REQUEUES=3 sbatch ...)"
   [[ ${CELLSEG_STOP_MARGIN:-300} =~ ^[0-9]+([.][0-9]+)?$ ]] \
     || cs_die "CELLSEG_STOP_MARGIN must be a number of seconds >= 0, got '${CELLSEG_STOP_MARGIN}'"
+  [[ ${CELLSEG_KERNEL_START_TIMEOUT:-300} =~ ^[1-9][0-9]*$ ]] \
+    || cs_die "CELLSEG_KERNEL_START_TIMEOUT must be a whole number of seconds > 0, got '${CELLSEG_KERNEL_START_TIMEOUT}'"
 }
 
 # cs_begin NOTEBOOK ARGS...: everything before the payload: root, env, parameters, job dir, traps.
@@ -298,6 +330,7 @@ cs_begin() {
   cs_setup_env
   cs_resolve_run "$notebook" "$@"
   cs_job_dir
+  cs_doctor "$notebook" "$@"
   if [[ -n ${SLURM_CPUS_PER_TASK:-} && -z ${OMP_NUM_THREADS:-} ]]; then export OMP_NUM_THREADS="$SLURM_CPUS_PER_TASK"; fi
 }
 

@@ -18,6 +18,12 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --gres=gpu:1
 #SBATCH --time=04:00:00
+## Site settings: uncomment (remove one '#') and fill in; sbatch options on the command line override them.
+##SBATCH --account=<your-account>
+##SBATCH --partition=<gpu-partition>
+## Host memory: most clusters give a per-CPU default; size it here otherwise (measure it: sacct MaxRSS of a first job). A notebook that ends
+## with "Kernel died" / state OUT_OF_MEMORY: sacct -j <jobid> -o JobID,State,MaxRSS,ReqMem, then raise --mem.
+##SBATCH --mem=32G
 
 set -uo pipefail
 _cs_dir="${CELLSEG_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"

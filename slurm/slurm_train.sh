@@ -29,7 +29,11 @@
 #SBATCH --time=24:00:00
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
-## Memory: most clusters give a per-CPU default; otherwise uncomment and size it (UNI ViT-L Phase 2: ~64G host RAM).
+## Site settings: uncomment (remove one '#') and fill in; sbatch options on the command line override them.
+##SBATCH --account=<your-account>
+##SBATCH --partition=<gpu-partition>
+## Host memory: most clusters give a per-CPU default; size it here otherwise (UNI ViT-L Phase 2: ~64G). A notebook that ends
+## with "Kernel died" / state OUT_OF_MEMORY: sacct -j <jobid> -o JobID,State,MaxRSS,ReqMem, then raise --mem.
 ##SBATCH --mem=64G
 
 set -uo pipefail

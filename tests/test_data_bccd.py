@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import xml.etree.ElementTree as ET
@@ -285,6 +286,8 @@ def test_download_unpacks_the_archive(
     names = {"train": ["BloodImage_00000"], "val": ["BloodImage_00001"], "test": ["BloodImage_00003"]}
     _zip_subset(bccd_root, tmp_path / "master.zip", names)
     monkeypatch.setattr(bccd, "BCCD_URL", (tmp_path / "master.zip").as_uri())
+    # the pinned hash is checked before unpacking: pin this archive's
+    monkeypatch.setattr(bccd, "BCCD_ARCHIVE_SHA256", hashlib.sha256((tmp_path / "master.zip").read_bytes()).hexdigest())
     manifest = prepare_dataset("bccd", tmp_path / "data" / "BCCD", tmp_path / "cache", progress=False)
     assert (tmp_path / "data" / "BCCD" / "JPEGImages" / "BloodImage_00000.jpg").exists()
     assert manifest["splits"] == {k: v for k, v in names.items()}
@@ -297,8 +300,10 @@ def test_bad_archives_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             zf.writestr("something/else.txt", "x")
         else:
             zf.writestr("x/BCCD/../../evil.txt", "x")
-    with pytest.raises(FileNotFoundError, match="could not be downloaded"):
-        bccd.download_bccd(tmp_path / "out", url=(tmp_path / "a.zip").as_uri())
+    sha = hashlib.sha256((tmp_path / "a.zip").read_bytes()).hexdigest()  # a verified archive, refused for its content
+    with pytest.raises(FileNotFoundError, match="could not be downloaded.*" + ("no BCCD/ folder" if kind == "no_bccd"
+                                                                                else "unsafe path")):
+        bccd.download_bccd(tmp_path / "out", url=(tmp_path / "a.zip").as_uri(), sha256=sha)
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "out").exists()
 
 

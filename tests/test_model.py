@@ -88,7 +88,7 @@ def test_uni_with_foreign_weights_is_explained(tmp_path, uni_weights):
 
 
 def test_uni_without_weights_says_where_to_put_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download MahmoodLab/UNI"):
+    with pytest.raises(FileNotFoundError, match="`hf download MahmoodLab/UNI pytorch_model.bin --local-dir weights/uni`"):
         build_model("uni", num_classes=3, weights="")
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope.bin")):
         build_model("uni", num_classes=3, weights=str(tmp_path / "nope.bin"))

@@ -3,6 +3,7 @@ checkpoints are never committed."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -27,12 +28,20 @@ def test_environment_yml_lists_every_dependency_of_pyproject():
     assert wanted <= listed, f"missing from environment.yml: {sorted(wanted - listed)}"
 
 
-def test_torch_pair_is_the_same_in_makefile_and_environment_yml():
-    make = (ROOT / "Makefile").read_text()
-    torch_spec = re.search(r"TORCH_SPEC \?= (\S+)", make).group(1)
-    vision_spec = re.search(r"TORCHVISION_SPEC \?= (\S+)", make).group(1)
-    env = (ROOT / "environment.yml").read_text()
-    assert torch_spec in env and vision_spec in env
+def test_environment_files_are_what_make_envs_writes():
+    """One file per torch build, generated from pyproject.toml and tools/torch_setup.py (the pair `make setup`
+    installs); the PyTorch index only ever as an extra index."""
+    spec = importlib.util.spec_from_file_location("make_envs", ROOT / "tools" / "make_envs.py")
+    make_envs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_envs)
+    for name in make_envs.ENV_FILES:
+        assert (ROOT / name).read_text() == make_envs.render(name), (
+            f"{name} is out of date: run `python tools/make_envs.py`")
+        text = (ROOT / name).read_text()
+        assert "--index-url" not in text.replace("--extra-index-url", "")
+        pip = next(d["pip"] for d in yaml.safe_load(text)["dependencies"] if isinstance(d, dict))
+        torch_line = next(r for r in pip if r.startswith("torch=="))
+        assert torch_line.startswith(f"torch=={make_envs.torch_setup.TORCH_VERSION}")
 
 
 def test_ruff_passes_on_code_and_notebooks():

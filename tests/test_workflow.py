@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import papermill as pm
@@ -18,11 +20,38 @@ TINY = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text())
 pytestmark = pytest.mark.slow
 
 
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.extend(record.getMessage().splitlines())
+
+
+STREAMED = _Lines()  # what the notebooks printed while they ran (papermill's log_output, as `make demo` shows it)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("workflow") / "run"
-    run_workflow(run_dir, TINY)
+    logger = logging.getLogger("papermill")
+    level = logger.level
+    logger.addHandler(STREAMED)
+    logger.setLevel(logging.INFO)  # log_output writes at INFO
+    try:
+        run_workflow(run_dir, TINY, log_output=True)
+    finally:
+        logger.removeHandler(STREAMED)
+        logger.setLevel(level)
     return run_dir
+
+
+def test_progress_streams_while_the_notebooks_run(demo_run):
+    """One progress line per LOG_EVERY steps with epoch, step, loss, best metric and time left (issue 15)."""
+    progress = [ln for ln in STREAMED.lines if re.search(r"epoch \d+/2 step \d+/\d+ loss [0-9.]+ best pq ", ln)]
+    assert progress, STREAMED.lines[-40:]
+    assert all(re.search(r"time left ~\S+", ln) for ln in progress)
 
 
 def _history(path: Path) -> list[dict]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
+# No matplotlib.use() here: importing a library must not switch a Jupyter kernel away from inline plots. Without a
+# display, matplotlib picks Agg by itself; the figures below are saved and closed, so no backend is needed.
+import matplotlib.pyplot as plt
 
 
 def read_history(path: str | Path) -> list[dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ def run_notebook(name: str, out: Path, parameters: dict, *, kernel: str = "cells
     import papermill as pm
 
     from cellseg.config import NOTEBOOK_PARAMS, Config
+    from cellseg.kernels import engine_kwargs
 
     # Drop the other notebooks' parameters (papermill would warn about each); unknown names stay, so the
     # notebook's validation cell rejects a typo.
@@ -39,7 +41,8 @@ def run_notebook(name: str, out: Path, parameters: dict, *, kernel: str = "cells
     root = project_root()
     out.parent.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(str(root / "notebooks" / f"{name}.ipynb"), str(out), parameters=parameters,
-                        kernel_name=kernel, cwd=str(cwd or root), log_output=log_output, progress_bar=False)
+                        kernel_name=kernel, cwd=str(cwd or root), log_output=log_output, progress_bar=False,
+                        **engine_kwargs())
     return out
 
 
@@ -57,6 +60,26 @@ def run_workflow(run_dir: str | Path, params: dict, *, kernel: str = "cellseg", 
     return times
 
 
+class _CellMarkers(logging.Filter):
+    """Drop papermill's "Executing Cell 7----" / "Ending Cell 7----" lines; the cells' own output stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith(("Executing Cell ", "Ending Cell ")) and msg.endswith("-"))
+
+
+def stream_notebook_output() -> logging.Handler:
+    """Print what the notebooks print (papermill's ``log_output``) to stdout as it comes: the progress lines."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("  | %(message)s"))
+    handler.addFilter(_CellMarkers())
+    logger = logging.getLogger("papermill")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     from cellseg.config import load_params_file
 
@@ -67,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     params = load_params_file(args.config)
     t0 = time.perf_counter()
-    times = run_workflow(args.run_dir, params, kernel=args.kernel)
+    stream_notebook_output()
+    times = run_workflow(args.run_dir, params, kernel=args.kernel, log_output=True)
     run_dir = Path(args.run_dir)
     steps = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
     print(f"\n[cellseg] done in {time.perf_counter() - t0:.0f} s ({steps})")

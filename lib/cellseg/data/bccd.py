@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import urllib.request
 import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import convex_hull_image
 from skimage.segmentation import watershed
 
+from cellseg.data.download import download_verified
 from cellseg.data.files import read_image
 from cellseg.data.sample import SPLITS
 from cellseg.data.validate import Problem
@@ -49,8 +49,13 @@ from cellseg.data.validate import Problem
 log = logging.getLogger(__name__)
 
 CLASS_NAMES: list[str] = ["RBC", "WBC", "Platelets"]
-BCCD_URL = "https://github.com/Shenggan/BCCD_Dataset/archive/refs/heads/master.zip"
-DOWNLOAD_TIMEOUT_S = 15.0
+# A pinned commit, not a branch: the data under a published result must not change. The archive's SHA-256 is the one
+# place its content is pinned; it could not be computed where this was written (no access to GitHub). Fill it from a
+# machine with internet: `curl -sL <BCCD_URL> | sha256sum`, after checking the unpacked folder (364 images).
+BCCD_COMMIT = "d272fb1"
+BCCD_URL = f"https://github.com/Shenggan/BCCD_Dataset/archive/{BCCD_COMMIT}.zip"
+BCCD_ARCHIVE_SHA256: str | None = None
+DOWNLOAD_TIMEOUT_S = 60.0
 # below this mask/box fill the segmentation is taken as failed; platelets are small in loose boxes
 MIN_FILL_BY_CLASS: dict[str, float] = {"RBC": 0.25, "WBC": 0.25, "Platelets": 0.05}
 LAYOUT_HELP = (
@@ -292,27 +297,31 @@ def _ensure_every_box(inst: np.ndarray, boxes: list[Box]) -> None:
         inst[(b.y0 + b.y1 - 1) // 2, (b.x0 + b.x1 - 1) // 2] = i + 1
 
 
-def download_bccd(data_root: Path, url: str | None = None, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
-    """Fetch the BCCD repository archive and unpack its ``BCCD/`` folder as ``data_root``.
+def download_bccd(data_root: Path, url: str | None = None, timeout: float = DOWNLOAD_TIMEOUT_S,
+                  sha256: str | None = None) -> None:
+    """Fetch the pinned BCCD repository archive, verify its SHA-256 and unpack its ``BCCD/`` folder as ``data_root``.
+
+    ``sha256`` defaults to ``BCCD_ARCHIVE_SHA256`` (also for another ``url``, e.g. a mirror of the same archive).
 
     Raises:
-        FileNotFoundError: the download failed; the message says what to download, from where and where to put it.
+        FileNotFoundError: the download or the check failed; the message says why, what to download, from where
+            and where to put it.
     """
     url = url or BCCD_URL
+    sha256 = sha256 or BCCD_ARCHIVE_SHA256
     help_text = (
-        f"BCCD is not at DATA_ROOT={data_root} and could not be downloaded from {url} ({{reason}}). Download the "
-        f"archive of https://github.com/Shenggan/BCCD_Dataset (branch master) on a machine with internet access and "
-        f"copy its BCCD/ folder to {data_root}, so that {data_root}/Annotations/BloodImage_00000.xml, "
-        f"{data_root}/JPEGImages/BloodImage_00000.jpg and {data_root}/ImageSets/Main/train.txt exist; or set "
-        f"DATA_ROOT to where that folder already is."
+        f"BCCD is not at DATA_ROOT={data_root} and could not be downloaded from {url} ({{reason}}). On a login node "
+        f"(with internet) run `cellseg data fetch bccd {data_root}`, or download {BCCD_URL} (commit {BCCD_COMMIT} of "
+        f"https://github.com/Shenggan/BCCD_Dataset) and copy its BCCD/ folder to {data_root}, so that "
+        f"{data_root}/Annotations/BloodImage_00000.xml, {data_root}/JPEGImages/BloodImage_00000.jpg and "
+        f"{data_root}/ImageSets/Main/train.txt exist; or set DATA_ROOT to where that folder already is."
     )
     data_root = Path(data_root)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             archive = Path(tmp) / "bccd.zip"
-            log.info("downloading BCCD from %s (timeout %.0f s)", url, timeout)
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as fh:
-                shutil.copyfileobj(response, fh)
+            download_verified(url, archive, sha256, what="the BCCD archive",
+                              pin_name="cellseg.data.bccd.BCCD_ARCHIVE_SHA256", timeout=timeout)
             with zipfile.ZipFile(archive) as zf:
                 members = [m for m in zf.namelist() if "/BCCD/" in f"/{m}"]
                 if not members:
@@ -330,7 +339,7 @@ def download_bccd(data_root: Path, url: str | None = None, timeout: float = DOWN
                         shutil.copyfileobj(src, dst)
             data_root.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(Path(tmp) / "BCCD"), str(data_root))
-    except Exception as e:  # URLError, timeouts, bad archives: all end in the same instructions
+    except Exception as e:  # URLError, timeouts, checksums, bad archives: all end in the same instructions
         raise FileNotFoundError(help_text.format(reason=f"{type(e).__name__}: {e}")) from e
     log.info("BCCD unpacked to %s", data_root)
 

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 UNI_KWARGS = dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True)
 UNI_WEIGHTS_HINT = (
     "UNI is a gated model (huggingface.co/MahmoodLab/UNI, CC-BY-NC-ND 4.0). On a login node with internet: request "
-    "access, then `huggingface-cli download MahmoodLab/UNI pytorch_model.bin --local-dir weights/uni`, and set "
+    "access, then `hf download MahmoodLab/UNI pytorch_model.bin --local-dir weights/uni` (huggingface_hub >= 1.0), and set "
     "ENCODER_WEIGHTS to that file (default 'weights/uni/pytorch_model.bin'). See HPC_SETUP_GUIDE.md."
 )
 

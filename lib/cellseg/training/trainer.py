@@ -31,6 +31,7 @@ from cellseg.branches import Branch
 from cellseg.distributed import all_reduce_mean, any_true, barrier
 from cellseg.schedulers import build_scheduler, current_lrs
 from cellseg.training.plan import SamplePlan, StepBatchSampler, build_plan
+from cellseg.training.progress import progress_line
 from cellseg.training.sampler import EpochIndexed
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.USE_COMPILE:
             self.net = torch.compile(self.net)
+        self._last_val_s: float | None = None  # seconds of the last validation, for the time left
         self.progress = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "step_in_epoch": 0,
                          "sample_plan": self.plan.to_dict(), "best_metric": None, "best_epoch": None,
                          "patience_counter": 0, "history": [], "epoch_sums": {}, "epoch_samples": 0,
@@ -243,9 +245,12 @@ class Trainer:
             if p["step"] % cfg.LOG_EVERY == 0 and self.ctx.is_main:
                 mean = p["epoch_sums"]["total"] / max(1, p["epoch_samples"])
                 lrs = current_lrs(self.optimizer)
-                log.info("epoch %d step %d/%d loss %.4f lr %s %.1f img/s", epoch, g_idx + 1, n_steps, mean,
-                         " ".join(f"{k}={v:.2e}" for k, v in lrs.items()),
-                         seen * self.ctx.env.world_size / max(1e-9, time.perf_counter() - t0))
+                elapsed = max(1e-9, time.perf_counter() - t0)
+                log.info(progress_line(epoch=epoch, epochs=cfg.EPOCHS, step=g_idx + 1, steps=n_steps, loss=mean,
+                                       lrs=lrs, img_per_s=seen * self.ctx.env.world_size / elapsed,
+                                       metric=cfg.MONITOR_METRIC, best=p["best_metric"],
+                                       sec_per_step=elapsed / (g_idx + 1 - start_step),
+                                       val_s=self._last_val_s))
             reason = self._check_stop()
             if reason is not None:
                 self._stop(reason)
@@ -290,9 +295,11 @@ class Trainer:
     # ----- epoch end -----
     def validate(self, epoch: int) -> dict:
         self.net.eval()
+        t0 = time.perf_counter()
         try:
             return self.validate_fn(self.model, epoch)
         finally:
+            self._last_val_s = time.perf_counter() - t0  # for the progress line's time left
             self.net.train()
 
     def improved(self, value: float) -> bool:
