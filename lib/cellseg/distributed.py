@@ -58,8 +58,13 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
 
 
 def pick_device(pref: str, env: DistEnv) -> torch.device:
-    """``DEVICE``: 'auto' is CUDA (this rank's local GPU) when present, else CPU."""
+    """``DEVICE``: 'auto' is CUDA (this rank's local GPU) when present, else CPU; inside a GPU allocation without a
+    usable CUDA device 'auto' is an error (:func:`cellseg.devices.check_auto_device`), never a silent CPU run."""
     if pref == "auto":
+        if not torch.cuda.is_available():
+            from cellseg.devices import check_auto_device
+
+            check_auto_device()
         pref = "cuda" if torch.cuda.is_available() else "cpu"
     if pref.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -74,6 +79,9 @@ def init_distributed(env: DistEnv, device: torch.device) -> None:
     if not env.distributed or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and not dist.is_nccl_available():  # gloo on GPUs would be slow and is never what was meant
+        raise RuntimeError(f"DDP on {device} needs NCCL, which this torch build ({torch.__version__}) lacks. Install a "
+                           "CUDA build of torch with NCCL (HPC_SETUP_GUIDE.md, 'Installing').")
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
     log.info("process group: %s, rank %d/%d via %s", backend, env.rank, env.world_size, env.launcher)
 

@@ -83,4 +83,7 @@ def setup_run(cfg: Config, notebook: str) -> RunContext:
     if env.is_main:
         cfg.save(run_dir / f"config_{tag}.json")
     log.info("%s: device %s, rank %d/%d, run dir %s", notebook, device, env.rank, env.world_size, run_dir)
+    from cellseg.devices import describe_device
+
+    log.info(describe_device(device))
     return RunContext(cfg, env, device, run_dir)

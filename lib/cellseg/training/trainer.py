@@ -38,9 +38,15 @@ LOSS_KEYS = ("total", Branch.NP.value, Branch.HV.value, Branch.NC.value)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``PRECISION`` 'auto' is bf16 on CUDA devices that support it, fp32 elsewhere."""
+    """``PRECISION`` 'auto' is bf16 on CUDA devices that run it natively (compute capability >= 8.0), fp32 elsewhere:
+    ``torch.cuda.is_bf16_supported()`` also counts the emulated bf16 of T4/V100-class GPUs."""
+    from cellseg.devices import native_bf16
+
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
+        log.warning("PRECISION='bf16' on %s, which only emulates bf16 (compute capability < 8.0): slow. "
+                    "PRECISION='fp16' (GradScaler) or 'fp32' suits this GPU.", torch.cuda.get_device_name(device))
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("PRECISION='fp16' needs a CUDA device (GradScaler); use 'fp32' or 'bf16' on CPU.")
     return precision
