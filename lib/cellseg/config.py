@@ -303,8 +303,11 @@ def _check_cross(cfg: Config, notebook: str) -> None:
     if cfg.FOCAL_ALPHA and len(cfg.FOCAL_ALPHA) != 2:
         raise ConfigError(f"FOCAL_ALPHA weighs the NP branch's two classes (background, foreground): give 2 numbers or "
                           f"an empty list, got {cfg.FOCAL_ALPHA}.")
-    if cfg.MONITOR_METRIC == "val_loss" and cfg.MONITOR_MODE != "min":
-        raise ConfigError("MONITOR_METRIC='val_loss' needs MONITOR_MODE='min' (a lower loss is better).")
+    from cellseg.monitor import check_monitor
+
+    monitor_problem = check_monitor(cfg.MONITOR_METRIC, cfg.MONITOR_MODE)
+    if monitor_problem:
+        raise ConfigError(monitor_problem)
     if notebook == "01_train" and cfg.GRAD_ACCUM_TARGET and cfg.GRAD_ACCUM_TARGET < cfg.BATCH_SIZE:
         raise ConfigError(f"GRAD_ACCUM_TARGET (effective batch, {cfg.GRAD_ACCUM_TARGET}) must be 0 (no accumulation) or "
                           f">= BATCH_SIZE ({cfg.BATCH_SIZE}).")
