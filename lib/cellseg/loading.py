@@ -44,4 +44,5 @@ def load_trained_model(cfg: Config, *, num_classes: int, device: torch.device):
                    blocks=lora["blocks"])
     report = load_weights(model, path, strict=cfg.STRICT_LOAD, merge_lora=cfg.MERGE_LORA)
     log.info("loaded %s: %s", path, report)
+    model.checkpoint_file = str(path)  # inference names it in its errors (NaN outputs)
     return model.to(device).eval(), path
