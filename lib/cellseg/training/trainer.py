@@ -240,10 +240,19 @@ class Trainer:
         return all_reduce_mean(means)
 
     def _optimizer_step(self) -> bool:
-        """Clip, step; returns False when AMP skipped the step (inf/nan gradients)."""
+        """Clip, step; returns False when AMP skipped the step (inf/nan gradients). The first step of this phase's
+        process audits the gradients first (:func:`cellseg.training.audit.audit_gradients`)."""
         params = [q for g in self.optimizer.param_groups for q in g["params"]]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # unscale before clipping
+        if not getattr(self, "_gradients_audited", False):
+            from cellseg.training.audit import audit_gradients
+
+            n = audit_gradients(self.model, phase=self.cfg.PHASE, grad_checkpointing=self.cfg.GRAD_CHECKPOINTING,
+                                allow_non_finite=self.scaler is not None)
+            self._gradients_audited = True
+            log.info("gradient audit: all %d trainable parameters received finite gradients, frozen ones none", n)
+        if self.scaler is not None:
             if self.cfg.GRAD_CLIP:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.GRAD_CLIP)
             scale = self.scaler.get_scale()
