@@ -185,7 +185,31 @@ class Trainer:
         return None
 
     def train_one_epoch(self, epoch: int) -> dict | None:
-        """Train one epoch (or its remainder after a mid-epoch resume). Returns mean losses, or None when stopped."""
+        """Train one epoch (or its remainder after a mid-epoch resume). Returns mean losses, or None when stopped.
+
+        An error on any rank stops every rank at the same micro-batch (:mod:`cellseg.training.together`) and rank 0
+        writes ``status.json`` 'failed' with the reason and the failing rank.
+        """
+        try:
+            return self._train_epoch(epoch)
+        except Exception as e:
+            self._record_failure(e)
+            raise
+
+    def _record_failure(self, error: BaseException) -> None:
+        from cellseg.stopping import write_run_status
+        from cellseg.training.together import RankFailure, describe_error
+
+        rank = error.rank if isinstance(error, RankFailure) else self.ctx.env.rank
+        reason = error.args[0] if isinstance(error, RankFailure) else describe_error(error)
+        if self.ctx.is_main:
+            write_run_status(self.phase_dir / "status.json", "failed", reason, resumable=False, rank=rank,
+                             world_size=self.ctx.env.world_size, epoch=self.progress["epoch"],
+                             step=self.progress["step"], phase=self.cfg.PHASE)
+
+    def _train_epoch(self, epoch: int) -> dict | None:
+        from cellseg.training.together import fail_together
+
         cfg, p = self.cfg, self.progress
         start_batch = p["batch_in_epoch"]
         if start_batch == 0:
@@ -201,19 +225,29 @@ class Trainer:
             n_group = sum(sizes)
             self.optimizer.zero_grad(set_to_none=True)
             for k, n_b in enumerate(sizes):
-                batch = {key: v.to(self.device, non_blocking=True) for key, v in next(it).items()}
-                x = batch["image"]
-                if cfg.CHANNELS_LAST:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                sync = k == len(sizes) - 1 or not hasattr(self.net, "no_sync")
-                with (nullcontext() if sync else self.net.no_sync()), autocast_context(self.precision, self.device):
-                    out = self.net(x)
-                    losses = self.loss_fn(out, batch)
-                loss = losses["total"] * (n_b / n_group)  # the last partial group is scaled by its true size
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {p['step']}: "
-                                             f"{ {k2: float(v.detach()) for k2, v in losses.items()} }. Lower the learning rate "
-                                             "or use PRECISION='bf16'/'fp32'.")
+                error = None
+                try:
+                    batch = {key: v.to(self.device, non_blocking=True) for key, v in next(it).items()}
+                except Exception as e:  # every rank must hear of it before the forward pass's collectives
+                    error = e
+                fail_together(error, where=f"loading a batch at epoch {epoch}, step {p['step']}")
+                try:
+                    x = batch["image"]
+                    if cfg.CHANNELS_LAST:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    sync = k == len(sizes) - 1 or not hasattr(self.net, "no_sync")
+                    with (nullcontext() if sync else self.net.no_sync()), autocast_context(self.precision, self.device):
+                        out = self.net(x)
+                        losses = self.loss_fn(out, batch)
+                    loss = losses["total"] * (n_b / n_group)  # the last partial group is scaled by its true size
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"non-finite loss at epoch {epoch}, step {p['step']}: "
+                            f"{ {k2: float(v.detach()) for k2, v in losses.items()} }. Lower the learning rate "
+                            "or use PRECISION='bf16'/'fp32'.")
+                except Exception as e:  # before backward: the gradient all-reduce would wait for this rank forever
+                    error = e
+                fail_together(error, where=f"in the forward pass or loss at epoch {epoch}, step {p['step']}")
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
                 for key in LOSS_KEYS:
                     p["epoch_sums"][key] = p["epoch_sums"].get(key, 0.0) + float(losses[key].detach()) * n_b
@@ -283,6 +317,9 @@ class Trainer:
         self.net.eval()
         try:
             return self.validate_fn(self.model, epoch)
+        except Exception as e:
+            self._record_failure(e)
+            raise
         finally:
             self.net.train()
 
