@@ -258,7 +258,18 @@ def _check_value(name: str, value: Any) -> None:
 
 
 def parameters_from_namespace(namespace: dict[str, Any]) -> dict[str, Any]:
-    """Pick the parameters out of a notebook's ``globals()``: public names bound to literal values."""
+    """Pick the parameters out of a notebook's ``globals()``.
+
+    In an IPython kernel, only the names the latest run of the parameters cell (and papermill's injected cell) set:
+    the kernel also holds every variable of the cells that ran since, and those are not parameters ("Run All" twice).
+    Elsewhere: public names bound to literal values.
+    """
+    from cellseg.notebook_params import parameter_cell_names
+
+    history = namespace.get("In")
+    names = parameter_cell_names(history, (f.name for f in fields(Config))) if isinstance(history, list) else None
+    if names is not None:
+        return {k: namespace[k] for k in names if k in namespace}
     literal = (int, float, str, bool, list, tuple, dict, type(None))
     return {
         k: v for k, v in namespace.items()
