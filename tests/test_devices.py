@@ -94,3 +94,15 @@ def test_every_run_logs_its_device_at_start(tmp_path, monkeypatch):
     setup_run(cfg, "00_prepare_data")
     assert seen == [torch.device("cpu")]
     assert "DEVICE LINE cpu" in (tmp_path / "run" / "logs" / "00_prepare_data.log").read_text()
+
+
+def test_ddp_on_gpus_never_falls_back_to_gloo(monkeypatch):
+    import torch.distributed as dist
+
+    from cellseg.distributed import init_distributed
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("must not start a process group"))
+    with pytest.raises(RuntimeError, match="DDP on cuda:0 needs NCCL"):
+        init_distributed(DistEnv(0, 2, 0, "slurm"), torch.device("cuda:0"))
