@@ -87,16 +87,17 @@ def no_cuda_in_gpu_allocation(allocation: Mapping[str, str], driver: Mapping[str
     built = torch.version.cuda
     if built is None:
         cause = (f"this torch ({torch.__version__}) is a CPU-only build, so it can never use the GPUs. Install a CUDA "
-                 "build of torch into this environment (HPC_SETUP_GUIDE.md, 'Installing': the PyTorch index for your "
-                 "driver's CUDA line).")
+                 "build of torch and torchvision (a matched pair) into this environment: HPC_SETUP_GUIDE.md, section 1 "
+                 "(the PyTorch index for your driver's CUDA line).")
     else:
         have = (f"the driver is {driver['driver'] or 'unreadable (no nvidia-smi here)'}"
                 + (f", which supports CUDA up to {driver['driver_cuda']}" if driver.get("driver_cuda") else ""))
         cause = (f"torch {torch.__version__} is built for CUDA {built} and {have}. A driver older than the CUDA build "
                  f"needs (CUDA 13.x: driver 580 or newer; 12.x: 525 or newer) hides every GPU from torch. Install the "
-                 f"torch build for the driver's CUDA line (e.g. `pip install torch --index-url "
-                 f"https://download.pytorch.org/whl/cu126`; HPC_SETUP_GUIDE.md, 'Installing'), or ask for nodes "
-                 f"with a newer driver. `python -c \"import torch; torch.cuda.init()\"` prints torch's own reason.")
+                 f"torch/torchvision pair built for the driver's CUDA line (the PyTorch index, e.g. "
+                 f"https://download.pytorch.org/whl/cu126, as the first pip line of environment.yml: "
+                 f"HPC_SETUP_GUIDE.md, section 1), or ask for nodes with a newer driver. "
+                 f"`python -c \"import torch; torch.cuda.init()\"` prints torch's own reason.")
     return (f"DEVICE='auto' but this job was given GPUs ({alloc}) and torch sees no usable CUDA device: training "
             f"would run on the CPU for the whole time limit. Likely cause: {cause} To train on the CPU on purpose, set "
             f"DEVICE='cpu' (or submit without --gres/--gpus).")
