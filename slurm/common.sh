@@ -34,6 +34,13 @@ CS_EXIT_STOPPED=3
 
 cs_log() { printf '[cellseg %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
+# cs_squeue ARGS...: squeue whose output this script can parse whatever the user's shell sets: SLURM_TIME_FORMAT
+# (relative or strftime times would break the end-time parse and fail every job at start), SQUEUE_FORMAT*/SORT/STATES.
+cs_squeue() {
+  env -u SQUEUE_FORMAT -u SQUEUE_FORMAT2 -u SQUEUE_SORT -u SQUEUE_STATES -u SQUEUE_ALL -u SQUEUE_ARRAY \
+    SLURM_TIME_FORMAT=standard squeue "$@"
+}
+
 # cs_die MESSAGE [CODE]: log and exit (default: set-up error).
 cs_die() {
   printf '[cellseg %s] ERROR: %s\n' "$(date +%H:%M:%S)" "$1" >&2
@@ -175,7 +182,7 @@ cs_clear_stale_stop() {
   if [[ $id == local-* ]]; then
     kill -0 "${id##*-}" 2>/dev/null && return 0
   else
-    state="$(squeue -h --jobs="$id" -o %T 2>/dev/null)"
+    state="$(cs_squeue -h --jobs="$id" -o %T 2>/dev/null)"
     [[ -n $state ]] && return 0
   fi
   rm -f "$f" && cs_log "removed a STOP file left by job $id, which is no longer running"
@@ -190,7 +197,7 @@ cs_deadline_args() {
   fi
   [[ -n ${SLURM_JOB_ID:-} ]] || return 0
   local end margin="${CELLSEG_STOP_MARGIN:-300}" out
-  end="$(squeue -h --jobs="$SLURM_JOB_ID" -o %e 2>/dev/null | head -n1)"
+  end="$(cs_squeue -h --jobs="$SLURM_JOB_ID" -o %e 2>/dev/null | head -n1)"
   out="$("$CS_PY" -m cellseg.slurm_helpers stop-at --end-time "$end" --margin "$margin" 2>&1)" || cs_die "${out#cellseg slurm: }"
   if [[ -n $out ]]; then
     CS_DEADLINE="$out"

@@ -260,3 +260,35 @@ def test_project_model_runs_tiled_with_tta():
     assert out["fg_prob"].shape == (70, 90) and out["hv"].shape == (2, 70, 90) and out["nc_prob"].shape == (3, 70, 90)
     np.testing.assert_allclose(out["nc_prob"].sum(axis=0), 1.0, atol=1e-4)
     assert np.isfinite(out["hv"]).all() and out["inst_map"].dtype == np.int32
+
+
+class PoisonedModel(PointwiseModel):
+    """A pointwise model whose outputs turn NaN (or Inf) in one corner, as a diverged checkpoint's would."""
+
+    def __init__(self, key: str, value: float):
+        super().__init__()
+        self.key, self.value = key, value
+
+    def forward(self, x):
+        out = super().forward(x)
+        out[self.key] = out[self.key].clone()
+        out[self.key][..., :3, :3] = self.value
+        return out
+
+
+@pytest.mark.parametrize("key, value, kind", [("np", float("nan"), "NaN"), ("hv", float("inf"), "Inf"),
+                                              ("nc", float("nan"), "NaN")])
+@pytest.mark.parametrize("kwargs", [{}, {"tile_size": 16, "overlap": 0.25}, {"tta": True}])
+def test_non_finite_outputs_are_an_error_naming_image_and_checkpoint(key, value, kind, kwargs):
+    from cellseg.inference import NonFiniteOutputError
+
+    model = PoisonedModel(key, value)
+    model.checkpoint_file = "checkpoints/phase2/best.pt"  # what cellseg.loading.load_trained_model records
+    with pytest.raises(NonFiniteOutputError) as e:
+        predict_instances(model, random_image(40, 40), image_name="data/test/img_007.png",
+                          pp_params={"object_diameter": 8}, **kwargs)
+    msg = str(e.value)
+    for part in ("data/test/img_007.png", "checkpoints/phase2/best.pt", f"'{key}'", kind):
+        assert part in msg, part
+    with pytest.raises(NonFiniteOutputError, match="other.pt"):
+        predict_image(model, random_image(16, 16), checkpoint="other.pt")

@@ -93,3 +93,43 @@ def test_bad_loss_arguments():
 def test_dice_all_ignored_is_zero_not_nan():
     probs = torch.rand(1, 2, 4, 4)
     assert soft_dice_loss(probs, torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 4, 4, dtype=torch.bool)) == 0
+
+
+def test_hv_loss_is_fp32_under_autocast():
+    # autocast runs conv2d (the Sobel derivatives) in bf16 even on fp32 inputs: the HV loss must leave autocast
+    from cellseg.losses import hv_loss
+
+    batch = _batch(h=32, w=32)
+    g = torch.Generator().manual_seed(1)
+    pred = batch["hv"] + 0.1 * torch.randn(batch["hv"].shape, generator=g)
+    fg, valid = batch["np"] > 0, ~batch["ignore"]
+    ref = hv_loss(pred, batch["hv"], fg, valid, 2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hv_loss(pred, batch["hv"], fg, valid, 2.0)
+        grads = hv_gradients(pred)
+    for r, x in zip(ref, got):
+        assert x.dtype == torch.float32
+        torch.testing.assert_close(x, r, rtol=1e-6, atol=1e-7)
+    assert grads.dtype == torch.bfloat16  # the trap itself: the bare derivative does run in bf16 under autocast
+
+
+def test_dice_counts_only_classes_in_the_target_or_the_prediction():
+    # one image, classes {0, 1} in the target, class 2 neither there nor arg-max anywhere (but with softmax mass)
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, :2] = 1
+    logits = torch.zeros(1, 3, 4, 4)
+    logits[0, 0] = 2.0 * (target[0] == 0)
+    logits[0, 1] = 2.0 * (target[0] == 1)
+    probs = logits.softmax(1)
+    valid = torch.ones(1, 4, 4, dtype=torch.bool)
+
+    def one(c):
+        t = (target[0] == c).float()
+        return 1 - 2 * (probs[0, c] * t).sum() / (probs[0, c] + t).sum()
+
+    torch.testing.assert_close(soft_dice_loss(probs, target, valid), (one(0) + one(1)) / 2)
+    # a class predicted where the target has none is a false positive: it counts
+    logits[0, 2, 0, 0] = 10.0
+    probs = logits.softmax(1)
+    assert probs[0, :, 0, 0].argmax() == 2
+    torch.testing.assert_close(soft_dice_loss(probs, target, valid), (one(0) + one(1) + one(2)) / 3)

@@ -88,7 +88,7 @@ def test_runtime_guards(tmp_path):
         normalize_image(np.zeros((4, 4, 3), np.float32))
     img = (np.arange(48) * 5).astype(np.uint8).reshape(4, 4, 3)
     assert np.array_equal(denormalize_image(normalize_image(img)), img)
-    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "77",
+    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "77",
            "SLURM_JOB_NODELIST": "node[01-02]"}
     d = detect_env(env)
     assert (d.rank, d.world_size, d.local_rank, d.launcher) == (1, 2, 1, "slurm")

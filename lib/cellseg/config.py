@@ -285,7 +285,18 @@ def _check_value(name: str, value: Any) -> None:
 
 
 def parameters_from_namespace(namespace: dict[str, Any]) -> dict[str, Any]:
-    """Pick the parameters out of a notebook's ``globals()``: public names bound to literal values."""
+    """Pick the parameters out of a notebook's ``globals()``.
+
+    In an IPython kernel, only the names the latest run of the parameters cell (and papermill's injected cell) set:
+    the kernel also holds every variable of the cells that ran since, and those are not parameters ("Run All" twice).
+    Elsewhere: public names bound to literal values.
+    """
+    from cellseg.notebook_params import parameter_cell_names
+
+    history = namespace.get("In")
+    names = parameter_cell_names(history, (f.name for f in fields(Config))) if isinstance(history, list) else None
+    if names is not None:
+        return {k: namespace[k] for k in names if k in namespace}
     literal = (int, float, str, bool, list, tuple, dict, type(None))
     return {
         k: v for k, v in namespace.items()
@@ -330,8 +341,11 @@ def _check_cross(cfg: Config, notebook: str) -> None:
     if cfg.FOCAL_ALPHA and len(cfg.FOCAL_ALPHA) != 2:
         raise ConfigError(f"FOCAL_ALPHA weighs the NP branch's two classes (background, foreground): give 2 numbers or "
                           f"an empty list, got {cfg.FOCAL_ALPHA}.")
-    if cfg.MONITOR_METRIC == "val_loss" and cfg.MONITOR_MODE != "min":
-        raise ConfigError("MONITOR_METRIC='val_loss' needs MONITOR_MODE='min' (a lower loss is better).")
+    from cellseg.monitor import check_monitor
+
+    monitor_problem = check_monitor(cfg.MONITOR_METRIC, cfg.MONITOR_MODE)
+    if monitor_problem:
+        raise ConfigError(monitor_problem)
     if notebook == "01_train" and cfg.GRAD_ACCUM_TARGET and cfg.GRAD_ACCUM_TARGET < cfg.BATCH_SIZE:
         raise ConfigError(f"GRAD_ACCUM_TARGET (effective batch, {cfg.GRAD_ACCUM_TARGET}) must be 0 (no accumulation) or "
                           f">= BATCH_SIZE ({cfg.BATCH_SIZE}).")

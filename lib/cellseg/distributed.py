@@ -24,6 +24,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     launcher: str = "none"
+    note: str = ""  # why a multi-task allocation runs as one process (logged by setup_run)
 
     @property
     def is_main(self) -> bool:
@@ -49,6 +50,12 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        if not _started_per_rank_by_srun(env):
+            return DistEnv(note=(
+                f"this process runs alone (rank 0 of 1) although the SLURM allocation has SLURM_NTASKS="
+                f"{env['SLURM_NTASKS']} tasks: it was not started per rank by srun or torchrun (a Jupyter kernel, or the "
+                "batch script itself), so no other rank would ever join. To train on every task, run the notebook per "
+                "rank: `sbatch slurm/slurm_train_ddp.sh ...` (HPC_SETUP_GUIDE.md, section 5)."))
         if "MASTER_ADDR" not in env:
             env["MASTER_ADDR"] = _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         if "MASTER_PORT" not in env:
@@ -57,9 +64,23 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
+def _started_per_rank_by_srun(env) -> bool:
+    """srun gives every task of a multi-task step SLURM_STEP_NUM_TASKS; a batch script or an interactive shell (and a
+    Jupyter kernel started from either) inherits the allocation's SLURM_NTASKS without it."""
+    try:
+        return int(env.get("SLURM_STEP_NUM_TASKS", "0")) > 1
+    except ValueError:
+        return False
+
+
 def pick_device(pref: str, env: DistEnv) -> torch.device:
-    """``DEVICE``: 'auto' is CUDA (this rank's local GPU) when present, else CPU."""
+    """``DEVICE``: 'auto' is CUDA (this rank's local GPU) when present, else CPU; inside a GPU allocation without a
+    usable CUDA device 'auto' is an error (:func:`cellseg.devices.check_auto_device`), never a silent CPU run."""
     if pref == "auto":
+        if not torch.cuda.is_available():
+            from cellseg.devices import check_auto_device
+
+            check_auto_device()
         pref = "cuda" if torch.cuda.is_available() else "cpu"
     if pref.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -74,6 +95,9 @@ def init_distributed(env: DistEnv, device: torch.device) -> None:
     if not env.distributed or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and not dist.is_nccl_available():  # gloo on GPUs would be slow and is never what was meant
+        raise RuntimeError(f"DDP on {device} needs NCCL, which this torch build ({torch.__version__}) lacks. Install a "
+                           "CUDA build of torch with NCCL (HPC_SETUP_GUIDE.md, 'Installing').")
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
     log.info("process group: %s, rank %d/%d via %s", backend, env.rank, env.world_size, env.launcher)
 

@@ -60,7 +60,7 @@ def _tune(
     samples = []
     for name in tqdm(names, desc=f"tuning on {split}", disable=not progress):
         sample = load_sample(cache_dir, split, name)
-        maps = predict_image(model, sample["image"], **infer)
+        maps = predict_image(model, sample["image"], image_name=f"{cache_dir / split / name}.png", **infer)
         gt = np.asarray(sample["inst_map"])
         ignore = sample.get("ignore_mask")
         if ignore is not None:
@@ -151,7 +151,8 @@ def evaluate_model(
     start = time.perf_counter()
     for name in tqdm(names, desc=f"evaluating {split}", disable=not progress):
         sample = load_sample(cache_dir, split, name)
-        pred = predict_instances(model, sample["image"], pp_params=params, **infer)
+        pred = predict_instances(model, sample["image"], pp_params=params, image_name=f"{cache_dir / split / name}.png",
+                                 **infer)
         save_prediction(pred_dir / f"{name}.npy", pred)
         gt = {k: sample.get(k) for k in ("inst_map", "type_map", "ignore_mask")}
         stats.append(image_stats(gt, pred, len(class_names), match_radius=radius, where=f"{split}/{name}"))

@@ -33,6 +33,36 @@ _ROT = np.array([[0, 1], [-1, 0]])  # rot90(k=1): (x, y) -> (y, W-1-x), so offse
 _FLIP = np.array([[-1, 0], [0, 1]])  # x flip: dx -> -dx
 
 
+class NonFiniteOutputError(FloatingPointError):
+    """The network returned NaN or Inf for an image: post-processing would silently merge, drop or mis-classify
+    instances. The message names the image, the checkpoint and the branches."""
+
+
+def check_finite_outputs(out: dict[str, torch.Tensor], *, image_name: str | None, checkpoint: str | None,
+                         amp: str = "none") -> None:
+    """Raise :class:`NonFiniteOutputError` when any branch output holds NaN or Inf.
+
+    Raises:
+        NonFiniteOutputError: naming the image, the checkpoint, each bad branch with its NaN / Inf counts, and fixes.
+    """
+    bad = {}
+    for key, y in out.items():
+        finite = torch.isfinite(y)
+        if not bool(finite.all()):
+            bad[key] = (int(torch.isnan(y).sum()), int((~finite).sum() - torch.isnan(y).sum()))
+    if not bad:
+        return
+    what = ", ".join(f"'{k}' {n} NaN / {i} Inf of {out[k].numel()}" for k, (n, i) in bad.items())
+    amp_hint = (f" AMP '{amp}' can overflow: try amp='none' (PRECISION='fp32')." if amp == "fp16" else "")
+    raise NonFiniteOutputError(
+        f"non-finite network output for image {image_name or '(unnamed)'} with checkpoint {checkpoint or '(unknown)'}: "
+        f"{what}. Instances from these maps would be wrong (merged, missing or mis-classified cells), so inference "
+        f"stops. Check the checkpoint (`cellseg ckpt inspect {checkpoint or 'FILE'}`: a run that diverged saves NaN "
+        f"weights) and the image's pixel values.{amp_hint}")
+
+
+
+
 def hv_matrix(flip: bool, k: int) -> np.ndarray:
     """The 2x2 matrix that a transform applies to (dx, dy) offset vectors, i.e. to the HV channels."""
     a = np.linalg.matrix_power(_ROT, k % 4)
@@ -108,8 +138,10 @@ def _check_args(tile_size: int | None, overlap: float, amp: str) -> None:
         raise ValueError(f"overlap must lie in [0, 1), got {overlap!r}")
 
 
-def _forward_probs(model: nn.Module, x: torch.Tensor, amp: str) -> dict[str, torch.Tensor]:
-    """One forward pass -> float32 probabilities: NP foreground (B, 1, h, w), HV (B, 2, h, w), NC (B, C+1, h, w)."""
+def _forward_probs(model: nn.Module, x: torch.Tensor, amp: str, names: tuple[str | None, str | None] = (None, None)
+                   ) -> dict[str, torch.Tensor]:
+    """One forward pass -> float32 probabilities: NP foreground (B, 1, h, w), HV (B, 2, h, w), NC (B, C+1, h, w).
+    ``names``: (image, checkpoint) for the error on non-finite outputs."""
     dtype = AMP_DTYPES[amp]
     ctx = torch.autocast(device_type=x.device.type, dtype=dtype) if dtype is not None else nullcontext()
     with ctx:
@@ -124,6 +156,8 @@ def _forward_probs(model: nn.Module, x: torch.Tensor, amp: str) -> dict[str, tor
             f"model outputs must be np (B, 2, H, W), hv (B, 2, H, W), nc (B, C+1, H, W) for input {tuple(x.shape)}; "
             f"got np {tuple(np_logits.shape)}, hv {tuple(hv.shape)}, nc {tuple(nc_logits.shape)}"
         )
+    check_finite_outputs({Branch.NP.value: np_logits, Branch.HV.value: hv, Branch.NC.value: nc_logits},
+                         image_name=names[0], checkpoint=names[1], amp=amp)
     return {
         Branch.NP.value: torch.softmax(np_logits, dim=1)[:, 1:2],
         Branch.HV.value: hv,
@@ -131,12 +165,13 @@ def _forward_probs(model: nn.Module, x: torch.Tensor, amp: str) -> dict[str, tor
     }
 
 
-def _predict_batch(model: nn.Module, x: torch.Tensor, tta: bool, amp: str) -> dict[str, torch.Tensor]:
+def _predict_batch(model: nn.Module, x: torch.Tensor, tta: bool, amp: str,
+                   names: tuple[str | None, str | None] = (None, None)) -> dict[str, torch.Tensor]:
     if not tta:
-        return _forward_probs(model, x, amp)
+        return _forward_probs(model, x, amp, names)
     acc: dict[str, torch.Tensor] | None = None
     for flip, k in TTA_TRANSFORMS:
-        out = invert_outputs(_forward_probs(model, apply_transform(x, flip, k), amp), flip, k)
+        out = invert_outputs(_forward_probs(model, apply_transform(x, flip, k), amp, names), flip, k)
         acc = out if acc is None else {key: acc[key] + out[key] for key in acc}
     assert acc is not None
     return {key: v / len(TTA_TRANSFORMS) for key, v in acc.items()}
@@ -153,6 +188,8 @@ def predict_image(
     amp: str = "none",
     device: torch.device | str | None = None,
     batch_size: int = 4,
+    image_name: str | None = None,
+    checkpoint: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-pixel maps of one RGB image.
 
@@ -167,6 +204,8 @@ def predict_image(
         amp: "none", "bf16" or "fp16" autocast.
         device: where to run; defaults to the model's device.
         batch_size: tiles per forward pass.
+        image_name, checkpoint: named in the error on NaN / Inf outputs; ``checkpoint`` defaults to the file
+            :func:`cellseg.loading.load_trained_model` recorded on the model (``model.checkpoint_file``).
 
     Returns:
         ``fg_prob`` (H, W), ``hv`` (2, H, W), ``nc_prob`` (C+1, H, W), all float32 numpy arrays.
@@ -175,8 +214,10 @@ def predict_image(
 
     Raises:
         ValueError: bad arguments, a model on another device, or model outputs of the wrong form.
+        NonFiniteOutputError: NaN or Inf in the network's outputs (names the image and the checkpoint).
     """
     _check_args(tile_size, overlap, amp)
+    names = (image_name, checkpoint or getattr(model, "checkpoint_file", None))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = _resolve_device(model, device)
@@ -190,10 +231,10 @@ def predict_image(
     model.eval()
     try:
         if tile_size is None or (height <= tile_size and width <= tile_size):
-            out = _predict_batch(model, x[None], tta, amp)
+            out = _predict_batch(model, x[None], tta, amp, names)
             result = {key: v[0] for key, v in out.items()}
         else:
-            result = _predict_tiled(model, x, tile_size, overlap, tta, amp, batch_size)
+            result = _predict_tiled(model, x, tile_size, overlap, tta, amp, batch_size, names)
     finally:
         model.train(was_training)
     return {
@@ -204,7 +245,8 @@ def predict_image(
 
 
 def _predict_tiled(
-    model: nn.Module, x: torch.Tensor, tile: int, overlap: float, tta: bool, amp: str, batch_size: int
+    model: nn.Module, x: torch.Tensor, tile: int, overlap: float, tta: bool, amp: str, batch_size: int,
+    names: tuple[str | None, str | None] = (None, None),
 ) -> dict[str, torch.Tensor]:
     _, height, width = x.shape
     th, tw = min(tile, height), min(tile, width)
@@ -215,7 +257,7 @@ def _predict_tiled(
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i : i + batch_size]
         batch = torch.stack([x[:, y : y + th, xx : xx + tw] for y, xx in chunk])
-        out = _predict_batch(model, batch, tta, amp)
+        out = _predict_batch(model, batch, tta, amp, names)
         if not acc:
             acc = {key: torch.zeros(v.shape[1], height, width, device=x.device) for key, v in out.items()}
         for j, (y, xx) in enumerate(chunk):
@@ -237,6 +279,8 @@ def predict_instances(
     amp: str = "none",
     device: torch.device | str | None = None,
     batch_size: int = 4,
+    image_name: str | None = None,
+    checkpoint: str | None = None,
 ) -> dict[str, np.ndarray]:
     """:func:`predict_image`, then :func:`~cellseg.postprocess.hv_to_instances` and
     :func:`~cellseg.postprocess.classify_instances`.
@@ -247,7 +291,8 @@ def predict_instances(
         maps ``fg_prob``, ``hv``, ``nc_prob``.
     """
     maps = predict_image(
-        model, image, tile_size=tile_size, overlap=overlap, tta=tta, amp=amp, device=device, batch_size=batch_size
+        model, image, tile_size=tile_size, overlap=overlap, tta=tta, amp=amp, device=device, batch_size=batch_size,
+        image_name=image_name, checkpoint=checkpoint,
     )
     inst_map = hv_to_instances(maps["fg_prob"], maps["hv"], **(pp_params or {}))
     types, scores, probs = classify_instances(inst_map, maps["nc_prob"], maps["fg_prob"])

@@ -79,6 +79,7 @@ def load_checkpoint_model(path: str | Path, cfg: Config, *, num_classes: int, de
                    blocks=lora["blocks"])
     report = load_weights(model, path, strict=cfg.STRICT_LOAD, merge_lora=cfg.MERGE_LORA, base_weights=base_weights)
     log.info("loaded %s: %s; input normalisation mean %s std %s", path, report, norm["mean"], norm["std"])
+    model.checkpoint_file = str(path)  # inference names it in its errors (NaN outputs)
     return model.to(device).eval()
 
 

@@ -22,14 +22,21 @@ _EPS = 1e-6
 def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """1 - Dice, per image over the classes present in its target or prediction, averaged over images.
 
-    Per image (not pooled over the batch) so that gradient accumulation and DDP equal one large batch.
+    A class counts in an image when a valid pixel of the target has it or the prediction's arg-max picks it there (a
+    false-positive class is penalised; a class neither there nor predicted is left out). Softmax mass alone cannot
+    decide it: every class has some everywhere, so "present" would always be true and each absent class would add a
+    term of ~1 with almost no gradient, diluting the classes that are there. HoVer-Net's ``dice_loss`` instead pools
+    the batch and sums over all classes; per image (not pooled) keeps gradient accumulation and DDP equal to one
+    large batch.
     Shape: probs (B, K, H, W), target (B, H, W) int64, valid (B, H, W) bool -> scalar.
     """
-    onehot = F.one_hot(target.clamp(min=0), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    k = probs.shape[1]
+    onehot = F.one_hot(target.clamp(min=0), k).permute(0, 3, 1, 2).to(probs.dtype)
     m = valid[:, None].to(probs.dtype)
     inter = (probs * onehot * m).sum(dim=(2, 3))  # (B, K)
     denom = ((probs + onehot) * m).sum(dim=(2, 3))
-    present = (denom > _EPS).to(probs.dtype)
+    predicted = F.one_hot(probs.detach().argmax(1), k).permute(0, 3, 1, 2).to(probs.dtype)
+    present = (((onehot + predicted) * m).sum(dim=(2, 3)) > 0).to(probs.dtype)  # (B, K)
     dice = (2 * inter + _EPS) / (denom + _EPS)
     per_image = ((1.0 - dice) * present).sum(1) / present.sum(1).clamp(min=1.0)  # (B,)
     return per_image.mean()
@@ -90,9 +97,17 @@ def hv_loss(pred: torch.Tensor, target: torch.Tensor, fg: torch.Tensor, valid: t
             msge_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """MSE over valid pixels and MSGE over valid foreground, in fp32. Returns (mse, msge).
 
+    Runs outside autocast: autocast runs ``conv2d`` (the Sobel derivatives) in bf16/fp16 even on fp32 inputs, and the
+    gradient term is the one that "blew up" in low precision.
+
     Shape: pred, target (B, 2, H, W); fg, valid (B, H, W) bool.
     """
-    pred, target = pred.float(), target.float()
+    with torch.autocast(pred.device.type, enabled=False):
+        return _hv_loss_fp32(pred.float(), target.float(), fg, valid, msge_weight)
+
+
+def _hv_loss_fp32(pred: torch.Tensor, target: torch.Tensor, fg: torch.Tensor, valid: torch.Tensor,
+                  msge_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     mse = per_image_mean((pred - target) ** 2, valid[:, None].float().expand_as(pred))
     if msge_weight == 0:
         return mse, mse * 0.0

@@ -76,7 +76,8 @@ _TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 # ----------------------------------------------------------------------------------------------------------- GPUs
 @dataclass(frozen=True)
 class GPU:
-    """A GPU's memory as the driver reports it and whether it runs bf16 (Ampere or newer)."""
+    """A GPU's memory as the driver reports it and whether it runs bf16 natively (compute capability >= 8.0, the rule
+    of :func:`cellseg.devices.native_bf16` that ``PRECISION='auto'`` follows; T4/V100 only emulate it)."""
 
     name: str
     memory_bytes: int

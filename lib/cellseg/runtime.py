@@ -79,8 +79,13 @@ def setup_run(cfg: Config, notebook: str) -> RunContext:
         run_dir.mkdir(parents=True, exist_ok=True)
     tag = f"{notebook}_phase{cfg.PHASE}" if notebook == "01_train" else notebook  # phases must not overwrite
     configure_logging(env.is_main, run_dir / "logs" / f"{tag}.log")
+    if env.note:
+        log.warning(env.note)
     seed_everything(cfg.SEED + env.rank, cfg.DETERMINISTIC)
     if env.is_main:
         cfg.save(run_dir / f"config_{tag}.json")
     log.info("%s: device %s, rank %d/%d, run dir %s", notebook, device, env.rank, env.world_size, run_dir)
+    from cellseg.devices import describe_device
+
+    log.info(describe_device(device))
     return RunContext(cfg, env, device, run_dir)

@@ -8,7 +8,9 @@ tokens. Weights only ever come from a local file: compute nodes have no internet
 
 from __future__ import annotations
 
+import inspect
 import logging
+import re
 from pathlib import Path
 
 import timm
@@ -72,6 +74,8 @@ class ViTBackbone(nn.Module):
             x, indices=self.indices, norm=False, output_fmt="NCHW", intermediates_only=True)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            require_checkpointing_support(type(self.core).forward_intermediates, self.core)
         self.core.set_grad_checkpointing(enable)
 
 
@@ -94,8 +98,41 @@ class CNNBackbone(nn.Module):
         return list(self.core(x))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if hasattr(self.core, "set_grad_checkpointing"):
-            self.core.set_grad_checkpointing(enable)
+        if not hasattr(self.core, "set_grad_checkpointing"):
+            if enable:
+                raise RuntimeError(f"GRAD_CHECKPOINTING=True, but timm {timm.__version__}'s feature extractor "
+                                   f"{type(self.core).__name__} cannot checkpoint: the flag would save no memory. Set "
+                                   "GRAD_CHECKPOINTING=False or choose another ENCODER.")
+            return
+        if enable:
+            require_checkpointing_support(type(self.core).forward, self.core)
+        self.core.set_grad_checkpointing(enable)
+
+
+TIMM_CHECKPOINTING_VERSION = "1.0.16"  # first timm whose forward_intermediates honours set_grad_checkpointing
+
+
+def require_checkpointing_support(forward, core: nn.Module) -> None:
+    """Refuse ``GRAD_CHECKPOINTING`` where the forward the encoder runs ignores timm's ``grad_checkpointing`` flag
+    (timm before 1.0.16 for ``forward_intermediates``): the flag would be a silent no-op while the memory model counts
+    on the memory it saves.
+
+    Raises:
+        RuntimeError: naming the timm version, the class and the fix.
+    """
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):  # no source shipped: trust timm's version instead
+        source = "grad_checkpointing" if _version(timm.__version__) >= _version(TIMM_CHECKPOINTING_VERSION) else ""
+    if "grad_checkpointing" not in source:
+        raise RuntimeError(
+            f"GRAD_CHECKPOINTING=True, but timm {timm.__version__}'s {type(core).__name__}.{forward.__name__} ignores "
+            f"gradient checkpointing: the flag would save no memory (and the memory estimate assumes it does). "
+            f"Upgrade timm (`pip install 'timm>={TIMM_CHECKPOINTING_VERSION}'`) or set GRAD_CHECKPOINTING=False.")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
 
 
 def default_indices(depth: int) -> list[int]:

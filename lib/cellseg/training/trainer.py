@@ -40,9 +40,15 @@ LOSS_KEYS = ("total", Branch.NP.value, Branch.HV.value, Branch.NC.value)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``PRECISION`` 'auto' is bf16 on CUDA devices that support it, fp32 elsewhere."""
+    """``PRECISION`` 'auto' is bf16 on CUDA devices that run it natively (compute capability >= 8.0), fp32 elsewhere:
+    ``torch.cuda.is_bf16_supported()`` also counts the emulated bf16 of T4/V100-class GPUs."""
+    from cellseg.devices import native_bf16
+
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
+        log.warning("PRECISION='bf16' on %s, which only emulates bf16 (compute capability < 8.0): slow. "
+                    "PRECISION='fp16' (GradScaler) or 'fp32' suits this GPU.", torch.cuda.get_device_name(device))
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("PRECISION='fp16' needs a CUDA device (GradScaler); use 'fp32' or 'bf16' on CPU.")
     return precision
@@ -201,7 +207,31 @@ class Trainer:
         return None
 
     def train_one_epoch(self, epoch: int) -> dict | None:
-        """Train one epoch (or its remainder after a mid-epoch resume). Returns mean losses, or None when stopped."""
+        """Train one epoch (or its remainder after a mid-epoch resume). Returns mean losses, or None when stopped.
+
+        An error on any rank stops every rank at the same micro-batch (:mod:`cellseg.training.together`) and rank 0
+        writes ``status.json`` 'failed' with the reason and the failing rank.
+        """
+        try:
+            return self._train_epoch(epoch)
+        except Exception as e:
+            self._record_failure(e)
+            raise
+
+    def _record_failure(self, error: BaseException) -> None:
+        from cellseg.stopping import write_run_status
+        from cellseg.training.together import RankFailure, describe_error
+
+        rank = error.rank if isinstance(error, RankFailure) else self.ctx.env.rank
+        reason = error.args[0] if isinstance(error, RankFailure) else describe_error(error)
+        if self.ctx.is_main:
+            write_run_status(self.phase_dir / "status.json", "failed", reason, resumable=False, rank=rank,
+                             world_size=self.ctx.env.world_size, epoch=self.progress["epoch"],
+                             step=self.progress["step"], phase=self.cfg.PHASE)
+
+    def _train_epoch(self, epoch: int) -> dict | None:
+        from cellseg.training.together import fail_together
+
         cfg, p = self.cfg, self.progress
         start_step = p.get("step_in_epoch", 0)
         if start_step == 0:
@@ -215,22 +245,32 @@ class Trainer:
             sizes = [len(mb) for mb in micro]
             self.optimizer.zero_grad(set_to_none=True)
             for k, n_b in enumerate(sizes):
-                batch = {key: v.to(self.device, non_blocking=True) for key, v in next(it).items()}
-                x = batch["image"]
-                if cfg.CHANNELS_LAST:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                sync = k == len(sizes) - 1 or not hasattr(self.net, "no_sync")
-                with (nullcontext() if sync else self.net.no_sync()), autocast_context(self.precision, self.device):
-                    out = self.net(x)
-                    losses = self.loss_fn(out, batch)
-                # this micro-batch's share of the step's block (DDP averages over ranks, hence x world): the step's
-                # gradient is the mean over the block however it is split; an empty share (weight 0) only joins
-                # the all-reduce
-                loss = losses["total"] * (n_b * world / len(block))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {p['step']}: "
-                                             f"{ {k2: float(v.detach()) for k2, v in losses.items()} }. Lower the learning rate "
-                                             "or use PRECISION='bf16'/'fp32'.")
+                error = None
+                try:
+                    batch = {key: v.to(self.device, non_blocking=True) for key, v in next(it).items()}
+                except Exception as e:  # every rank must hear of it before the forward pass's collectives
+                    error = e
+                fail_together(error, where=f"loading a batch at epoch {epoch}, step {p['step']}")
+                try:
+                    x = batch["image"]
+                    if cfg.CHANNELS_LAST:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    sync = k == len(sizes) - 1 or not hasattr(self.net, "no_sync")
+                    with (nullcontext() if sync else self.net.no_sync()), autocast_context(self.precision, self.device):
+                        out = self.net(x)
+                        losses = self.loss_fn(out, batch)
+                    # this micro-batch's share of the step's block (DDP averages over ranks, hence x world): the
+                    # step's gradient is the mean over the block however it is split; an empty share (weight 0) only
+                    # joins the all-reduce
+                    loss = losses["total"] * (n_b * world / len(block))
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"non-finite loss at epoch {epoch}, step {p['step']}: "
+                            f"{ {k2: float(v.detach()) for k2, v in losses.items()} }. Lower the learning rate "
+                            "or use PRECISION='bf16'/'fp32'.")
+                except Exception as e:  # before backward: the gradient all-reduce would wait for this rank forever
+                    error = e
+                fail_together(error, where=f"in the forward pass or loss at epoch {epoch}, step {p['step']}")
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
                 for key in LOSS_KEYS:
                     p["epoch_sums"][key] = p["epoch_sums"].get(key, 0.0) + float(losses[key].detach()) * n_b
@@ -263,10 +303,19 @@ class Trainer:
         return {k: v / max(1e-12, count) for k, v in sums.items()}
 
     def _optimizer_step(self) -> bool:
-        """Clip, step; returns False when AMP skipped the step (inf/nan gradients)."""
+        """Clip, step; returns False when AMP skipped the step (inf/nan gradients). The first step of this phase's
+        process audits the gradients first (:func:`cellseg.training.audit.audit_gradients`)."""
         params = [q for g in self.optimizer.param_groups for q in g["params"]]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # unscale before clipping
+        if not getattr(self, "_gradients_audited", False):
+            from cellseg.training.audit import audit_gradients
+
+            n = audit_gradients(self.model, phase=self.cfg.PHASE, grad_checkpointing=self.cfg.GRAD_CHECKPOINTING,
+                                allow_non_finite=self.scaler is not None)
+            self._gradients_audited = True
+            log.info("gradient audit: all %d trainable parameters received finite gradients, frozen ones none", n)
+        if self.scaler is not None:
             if self.cfg.GRAD_CLIP:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.GRAD_CLIP)
             scale = self.scaler.get_scale()
@@ -298,6 +347,9 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             return self.validate_fn(self.model, epoch)
+        except Exception as e:
+            self._record_failure(e)
+            raise
         finally:
             self._last_val_s = time.perf_counter() - t0  # for the progress line's time left
             self.net.train()

@@ -10,6 +10,7 @@ import torch
 
 from cellseg.branches import Branch
 from cellseg.distributed import all_gather_objects
+from cellseg.training.together import fail_together
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +40,24 @@ def run_validation(model, dataset, loss_fn, *, class_names: list[str], device, r
     n = len(dataset) if not max_images else min(max_images, len(dataset))
     loss_sums: dict[str, float] = {}
     items = []
-    for i in range(rank, n, world_size):
-        sample = dataset[i]
-        batch = {k: (v[None] if torch.is_tensor(v) and v.ndim >= 1 else v) for k, v in sample.items()}
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with precision_ctx() if precision_ctx else _null():
-            out = model(batch["image"])
-            losses = loss_fn(out, batch)
-        for k, v in losses.items():
-            loss_sums[k] = loss_sums.get(k, 0.0) + float(v)
-        pred = outputs_to_instances(out, object_diameter=object_diameter)
-        gt = {"inst_map": sample["inst_map"].numpy().astype(np.int32), "type_map": sample["nc"].numpy().astype(np.int32),
-              "ignore_mask": sample["ignore"].numpy()}
-        items.append((i, gt, pred, {k: float(v) for k, v in losses.items()}))
+    error = None
+    try:  # an error on one rank must reach the others before the gather below, or they wait forever
+        for i in range(rank, n, world_size):
+            sample = dataset[i]
+            batch = {k: (v[None] if torch.is_tensor(v) and v.ndim >= 1 else v) for k, v in sample.items()}
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with precision_ctx() if precision_ctx else _null():
+                out = model(batch["image"])
+                losses = loss_fn(out, batch)
+            for k, v in losses.items():
+                loss_sums[k] = loss_sums.get(k, 0.0) + float(v)
+            pred = outputs_to_instances(out, object_diameter=object_diameter)
+            gt = {"inst_map": sample["inst_map"].numpy().astype(np.int32), "type_map": sample["nc"].numpy().astype(np.int32),
+                  "ignore_mask": sample["ignore"].numpy()}
+            items.append((i, gt, pred, {k: float(v) for k, v in losses.items()}))
+    except Exception as e:
+        error = e
+    fail_together(error, where="in validation")
     gathered = sorted((x for part in all_gather_objects(items) for x in part), key=lambda t: t[0])
     gts = [g for _, g, _, _ in gathered]
     preds = [{k: p[k] for k in ("inst_map", "type_map", "scores")} for _, _, p, _ in gathered]
