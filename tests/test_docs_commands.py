@@ -125,7 +125,7 @@ def test_commands_are_well_formed(block):
     for cmd in block.commands:
         words = shlex.split(cmd)
         for k, w in enumerate(words):
-            if w in ("-p", "-r") and k + 1 < len(words) and _program(cmd) != "conda":
+            if w in ("-p", "-r") and k + 1 < len(words) and _program(cmd) not in ("conda", "mkdir"):
                 assert words[k + 1] in fields, f"{block}: `{cmd}` sets unknown parameter {words[k + 1]}"
             if re.fullmatch(r"(slurm|tools|configs|notebooks)/[\w./-]+\.(sh|py|yaml|ipynb)", w):
                 assert w in EXAMPLE_FILES or (ROOT / w).exists(), f"{block}: `{cmd}` names missing {w}"
