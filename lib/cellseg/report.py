@@ -15,7 +15,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from skimage.segmentation import find_boundaries
 
-from cellseg.metrics import match_iou, pair_table
+from cellseg.metrics import drop_ignored, match_iou, pair_table
+from cellseg.metrics.boxes import box_markdown
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,23 @@ def overlay(image: np.ndarray, gt_inst: np.ndarray | None, pred_inst: np.ndarray
 
 
 def error_crops(
-    image: np.ndarray, gt_inst: np.ndarray, pred_inst: np.ndarray, source: str, limit: int = 8
+    image: np.ndarray,
+    gt_inst: np.ndarray,
+    pred_inst: np.ndarray,
+    source: str,
+    limit: int = 8,
+    *,
+    ignore_mask: np.ndarray | None = None,
 ) -> tuple[list[ErrorCrop], list[ErrorCrop]]:
     """Crops around false positives and false negatives (IoU > 0.5 matching) of one image, at most ``limit`` each,
-    largest first. Each crop spans the instance's bounding box plus its own size on every side (at least 16 px)."""
+    largest first. Each crop spans the instance's bounding box plus its own size on every side (at least 16 px).
+
+    With ``ignore_mask``, the errors are the metrics' own: predictions lying mostly in ignored pixels (unlabelled
+    cells) are no false positives, and ignored pixels count nowhere (:func:`cellseg.metrics.drop_ignored`)."""
+    if ignore_mask is not None:
+        ignore = np.asarray(ignore_mask).astype(bool)
+        pred_inst = drop_ignored(pred_inst, ignore)
+        gt_inst = np.where(ignore, 0, gt_inst)
     table = pair_table(gt_inst, pred_inst)
     gi, pi, _ = match_iou(table)
     out: list[list[ErrorCrop]] = []
@@ -188,8 +202,12 @@ def report_markdown(
         parts += [alarm, ""]
     if context:
         parts += [_table(["setting", "value"], [[k, v] for k, v in context.items()]), ""]
+    vs = f", {metrics['mask_ground_truth']}" if metrics.get("mask_ground_truth") else ""
+    if metrics.get("mask_ground_truth"):  # BCCD: the masks are derived from boxes, the boxes are the ground truth
+        parts += [f"> Every mask score below is **{metrics['mask_ground_truth']}**; box scores are vs the "
+                  "annotated boxes (last section).", ""]
     parts += [
-        "## Segmentation (class-agnostic, mean over images)",
+        f"## Segmentation (class-agnostic, mean over images{vs})",
         "",
         _table(
             ["PQ", "SQ", "RQ", "bPQ", "mPQ", "mPQ+", "AJI", "AJI+", "Dice", "images"],
@@ -210,7 +228,7 @@ def report_markdown(
         "",
         f"TP {metrics.get('det_tp')}, FP {metrics.get('det_fp')}, FN {metrics.get('det_fn')} (IoU > 0.5).",
         "",
-        "## COCO mask AP (instance confidences, no per-image detection limit)",
+        f"## COCO mask AP (instance confidences, no per-image detection limit{vs})",
         "",
         _table(["AP@0.5", "AP@0.75", "mAP@[.5:.95]"], [[metrics.get("ap50"), metrics.get("ap75"), metrics.get("map")]]),
         "",
@@ -253,6 +271,7 @@ def report_markdown(
                 _table([*keys, "PQ", "SQ", "RQ"], [[r[k] for k in keys] + [r["pq"], r["sq"], r["rq"]] for r in best]),
                 "",
             ]
+    parts += box_markdown(metrics)
     for caption, rel in figures.items():
         parts += [f"### {caption}", "", f"![{caption}]({rel})", ""]
     return "\n".join(parts)
