@@ -157,7 +157,8 @@ def evaluate_model(
         boxes.add(sample, pred)
         tissues.append((sample.get("meta") or {}).get("tissue"))
         if len(examples) < n_overlays:
-            examples.append((name, sample["image"], np.asarray(sample["inst_map"]), pred["inst_map"]))
+            examples.append((name, sample["image"], np.asarray(sample["inst_map"]), pred["inst_map"],
+                             np.asarray(sample["type_map"]), pred["type_map"]))
         if len(false_pos) < max_error_crops or len(false_neg) < max_error_crops:
             fp, fn = error_crops(sample["image"], np.asarray(sample["inst_map"]), pred["inst_map"], name, limit=4,
                                  ignore_mask=sample.get("ignore_mask"))
@@ -188,7 +189,7 @@ def evaluate_model(
     }
     write_report(
         out_dir, metrics, examples=examples, false_positives=false_pos, false_negatives=false_neg,
-        context=context, tuning=tuning, title=f"Evaluation on {split}",
+        context=context, tuning=tuning, title=f"Evaluation on {split}", class_names=class_names,
     )
     log.info("evaluated %d images of %s: PQ %s, mPQ %s", len(names), split, metrics["pq"], metrics["mpq"])
     return metrics
