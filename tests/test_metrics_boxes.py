@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -115,3 +116,47 @@ def test_instance_boxes_and_the_scorer_respect_the_ignore_mask() -> None:
     out = scorer.result()
     assert out["box_tp"] == 1 and out["box_fp"] == 0 and out["box_fn"] == 0 and out["box_ap50"] == pytest.approx(1.0)
     assert BoxScorer(CLASS_NAMES).result() == {}
+
+
+class _Finder(torch.nn.Module):
+    """Returns NP/HV/NC logits of the bright objects of the image (class 1 everywhere): a perfect detector."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        from scipy import ndimage as ndi
+
+        from cellseg.data.targets import hv_maps
+
+        out: dict[str, list[torch.Tensor]] = {"np": [], "hv": [], "nc": []}
+        for img in x:
+            fg = (img[0] > 0).cpu().numpy()
+            f = torch.from_numpy(fg).float()
+            out["np"].append(torch.stack([2 - 4 * f, 4 * f - 2]))
+            out["hv"].append(torch.from_numpy(hv_maps(ndi.label(fg)[0])))
+            out["nc"].append(torch.stack([3 - 6 * f, 3 * f]))
+        return {k: torch.stack(v).to(x) for k, v in out.items()}
+
+
+def test_evaluation_scores_boxes_and_labels_box_derived_masks(tmp_path: Path) -> None:
+    from cellseg.data.cache import write_manifest, write_sample
+    from cellseg.evaluation import evaluate_model
+
+    image = np.full((64, 64, 3), 20, np.uint8)
+    inst = np.zeros((64, 64), np.int32)
+    inst[8:20, 8:22], inst[36:50, 30:44] = 1, 2
+    image[inst > 0] = 220
+    boxes = [[8, 8, 22, 20, 1], [30, 36, 44, 50, 1], [50, 2, 60, 10, 1]]  # the last box has no cell: one FN
+    for split in ("test",):
+        write_sample(tmp_path, split, "a", {"image": image, "inst_map": inst, "type_map": (inst > 0).astype(np.int32),
+                                            "meta": {"name": "a", "boxes": boxes}})
+    write_manifest(tmp_path, {"class_names": ["cell"], "splits": {"test": ["a"]}})
+    metrics = evaluate_model(_Finder(), tmp_path, "test", tmp_path / "eval", class_names=["cell"], device="cpu",
+                             pp_params={"object_diameter": 12}, tune_split=None, progress=False)
+    assert metrics["box_tp"] == 2 and metrics["box_fp"] == 0 and metrics["box_fn"] == 1
+    assert metrics["box_f1"] == pytest.approx(0.8) and metrics["box_ap50"] == pytest.approx(2 / 3, abs=0.01)
+    assert metrics["mask_ground_truth"] == "vs box-derived masks"
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "vs box-derived masks" in report and "## Box detection vs the VOC boxes" in report
