@@ -77,12 +77,23 @@ def measure(cache: Path, crops: int, patch: int) -> dict[str, float]:
     return out
 
 
+def time_items(cache: Path, n: int, patch: int) -> float:
+    """Milliseconds per training item with the default augmentation (the context window's cost)."""
+    ds = CellDataset(cache, "train", patch_size=patch, augment=True, seed=0)
+    ds[0]  # warm-up
+    t = time.perf_counter()
+    for i in range(n):
+        ds[i % len(ds)]
+    return 1000 * (time.perf_counter() - t) / n
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=os.environ.get("CELLSEG_BCCD_ROOT"), help="BCCD folder")
     parser.add_argument("--cache", type=Path, default=None, help="a prepared BCCD cache to reuse (else a temporary one)")
     parser.add_argument("--crops", type=int, default=2, help="random patches per training image")
     parser.add_argument("--patch", type=int, default=256)
+    parser.add_argument("--time-items", type=int, default=100, help="items timed with the default augmentation")
     args = parser.parse_args()
     if not args.root and args.cache is None:
         raise SystemExit("set CELLSEG_BCCD_ROOT or pass --root (the BCCD folder), or --cache")
@@ -93,12 +104,14 @@ def main() -> None:
         t = time.perf_counter()
         r = measure(cache, args.crops, args.patch)
         seconds = time.perf_counter() - t
+        ms = time_items(cache, args.time_items, args.patch) if args.time_items else float("nan")
     print(
         f"{r['fg_px']} foreground pixels in {args.crops} x train patches of {args.patch} px; {r['cut_share']:.1%} "
         f"belong to cut cells ({r['sliver_share']:.1%} of those to dropped slivers) [{seconds:.0f} s]"
     )
     for key, label in (("fragment", "fragment HV (former rule)"), ("dataset", "CellDataset (whole cells)")):
         print(f"{label}: mean |dHV| {r[f'{key}_mean_abs']:.4f}, wrong sign {r[f'{key}_wrong_sign']:.2%}")
+    print(f"training item with the default augmentation: {ms:.1f} ms (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
     print(
         f"| BCCD train, {args.crops} x {args.patch} px patches | {r['cut_share']:.0%} | "
         f"{r['fragment_mean_abs']:.3f} / {r['fragment_wrong_sign']:.1%} | "

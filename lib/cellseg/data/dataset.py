@@ -91,6 +91,10 @@ class CellDataset(Dataset):
     Items (``P`` = patch size, or the image size when ``patch_size`` is None): ``image`` float32 (3, P, P) normalised
     with ImageNet statistics; ``np`` int64 (P, P) in {0, 1}; ``hv`` float32 (2, P, P); ``nc`` int64 (P, P) in 0..C;
     ``ignore`` bool (P, P); ``inst_map`` int64 (P, P); ``index`` int64 scalar.
+
+    A patch is cut with a context window around it (:func:`context_margin`: the rotation context plus the full extent
+    of every cell touching it), augmented, and its targets are computed on the window before the final crop
+    (:func:`cellseg.data.targets.whole_cell_targets`): a cell cut by the patch border keeps its whole cell's HV field.
     """
 
     def __init__(
