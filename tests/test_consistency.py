@@ -188,6 +188,9 @@ def test_group_key_in_a_prepared_folder_dataset(tmp_path: Path) -> None:
     assert manifest["near_duplicates"] == []  # random images: nothing repeats across splits
     with pytest.raises(ValueError, match="DUPLICATES must be one of"):
         prepare_dataset("folder", root, tmp_path / "c2", duplicates="delete", progress=False)
+    (root / "groups.csv").write_text("name,group\ns0-t0,a\n")
+    problems = validate_dataset("folder", root, group_key="groups.csv", progress=False)
+    assert len(problems) == 1 and "14 image(s) have no group" in problems[0].message
 
 
 def test_duplicate_finder_identical_files_and_near_copies() -> None:

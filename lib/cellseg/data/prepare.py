@@ -214,6 +214,7 @@ def validate_dataset(
     pannuke_fold_splits: dict[int, str] | None = None,
     num_workers: int = 2,
     progress: bool = False,
+    group_key: str = "",
 ) -> list[Problem]:
     """Check every image of a source dataset without writing anything; returns all problems found (empty when clean).
 
@@ -230,6 +231,7 @@ def validate_dataset(
         consep_merge_classes,
         pannuke_fold_splits,
     )
+    options["group_key"] = group_key
     root = Path(data_root) if data_root is not None else None
     source = _build_source(dataset, root, options)
     problems = list(source.problems) + _empty_split_problems(source, root, _allowed_empty(dataset, options))
