@@ -87,6 +87,19 @@ def time_items(cache: Path, n: int, patch: int) -> float:
     return 1000 * (time.perf_counter() - t) / n
 
 
+def subset_root(real: Path, target: Path, limit: int) -> Path:
+    """A BCCD folder of links to the first ``limit`` training images of each official split list (a quick run)."""
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (target / d).mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        names = (real / "ImageSets" / "Main" / f"{split}.txt").read_text().split()[: limit if split == "train" else 1]
+        (target / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(names) + "\n")
+        for name in names:
+            for sub, ext in (("Annotations", "xml"), ("JPEGImages", "jpg")):
+                (target / sub / f"{name}.{ext}").symlink_to(real / sub / f"{name}.{ext}")
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=os.environ.get("CELLSEG_BCCD_ROOT"), help="BCCD folder")
@@ -94,13 +107,15 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=2, help="random patches per training image")
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--time-items", type=int, default=100, help="items timed with the default augmentation")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N training images (0: all)")
     args = parser.parse_args()
     if not args.root and args.cache is None:
         raise SystemExit("set CELLSEG_BCCD_ROOT or pass --root (the BCCD folder), or --cache")
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or Path(tmp) / "cache"
         if args.root:
-            prepare_dataset("bccd", Path(args.root), cache, progress=False)
+            root = subset_root(Path(args.root), Path(tmp) / "BCCD", args.limit) if args.limit else Path(args.root)
+            prepare_dataset("bccd", root, cache, progress=False, num_workers=1 if args.limit else 2)
         t = time.perf_counter()
         r = measure(cache, args.crops, args.patch)
         seconds = time.perf_counter() - t
@@ -113,7 +128,8 @@ def main() -> None:
         print(f"{label}: mean |dHV| {r[f'{key}_mean_abs']:.4f}, wrong sign {r[f'{key}_wrong_sign']:.2%}")
     print(f"training item with the default augmentation: {ms:.1f} ms (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})")
     print(
-        f"| BCCD train, {args.crops} x {args.patch} px patches | {r['cut_share']:.0%} | "
+        f"| BCCD train{f' (first {args.limit})' if args.limit else ''}, {args.crops} x {args.patch} px patches | "
+        f"{r['cut_share']:.0%} | "
         f"{r['fragment_mean_abs']:.3f} / {r['fragment_wrong_sign']:.1%} | "
         f"{r['dataset_mean_abs']:.3g} / {r['dataset_wrong_sign']:.2%} | {r['sliver_share']:.1%} |"
     )
