@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import albumentations as A
+import cv2
 import numpy as np
 import torch
 from scipy import ndimage as ndi
@@ -50,6 +52,14 @@ def _window(
                 array = np.pad(array, pad, mode="constant", constant_values=(key == "ignore_mask"))
         out[key] = array[ys, xs]
     return out
+
+
+def split_pipeline(pipeline: A.Compose) -> tuple[A.Compose, A.Compose]:
+    """The geometric transforms (image and labels, applied to the context window) and the image-only ones (applied
+    to the final patch, where they cost a fraction of the window's area), in their original order."""
+    geometric = [t for t in pipeline.transforms if not isinstance(t, A.ImageOnlyTransform)]
+    photometric = [t for t in pipeline.transforms if isinstance(t, A.ImageOnlyTransform)]
+    return A.Compose(geometric, mask_interpolation=cv2.INTER_NEAREST), A.Compose(photometric)
 
 
 def context_margin(inst_map: np.ndarray, y0: int, x0: int, size: int, base: int) -> int:
@@ -134,7 +144,7 @@ class CellDataset(Dataset):
         self.augment = augment
         self.seed = int(seed)
         self.augment_config = augment_config or AugmentConfig()
-        self._pipeline = build_augmentation(self.augment_config) if augment else None
+        self._pipeline = split_pipeline(build_augmentation(self.augment_config)) if augment else None
         self._image_counts = {n: manifest.get("image_counts", {}).get(f"{split}/{n}") for n in self.names}
         # shared memory, so persistent DataLoader workers see set_epoch from the main process
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -147,7 +157,7 @@ class CellDataset(Dataset):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._pipeline = build_augmentation(self.augment_config) if self.augment else None
+        self._pipeline = split_pipeline(build_augmentation(self.augment_config)) if self.augment else None
 
     @property
     def num_classes(self) -> int:
@@ -207,12 +217,17 @@ class CellDataset(Dataset):
             arrays["ignore_mask"],
         )
         if self._pipeline is not None:
-            aug_seed = int(rng.integers(0, 2**31 - 1))
-            image, inst, types, ignore = augment_arrays(self._pipeline, image, inst, types, ignore, aug_seed)
+            geometric, photometric = self._pipeline
+            aug_seed, photo_seed = (int(v) for v in rng.integers(0, 2**31 - 1, size=2))  # independent streams
+            image, inst, types, ignore = augment_arrays(geometric, image, inst, types, ignore, aug_seed)
         # targets of whole cells on the (augmented) window, then the final crop: HoVer-Net's rule
         rows, cols = slice(margin, inst.shape[0] - margin), slice(margin, inst.shape[1] - margin)
         inst, types, hv = whole_cell_targets(inst, types, (rows, cols))
         image, ignore = image[rows, cols], ignore[rows, cols]
+        if self._pipeline is not None:
+            # colour, stain, blur and noise touch the image only: on the patch, not on the (larger) window
+            photometric.set_random_seed(photo_seed)
+            image = photometric(image=np.ascontiguousarray(image))["image"]
         inst = relabel_consecutive(inst)
         types = np.where(inst > 0, types, 0)
         return {
