@@ -1,7 +1,7 @@
 """``CellDataset``: the prepared cache as a ``torch.utils.data.Dataset`` of HoVer-Net targets.
 
 Every item is built from ``np.random.default_rng([seed, epoch, index])`` alone (crop position, then the albumentations
-seed), never from global or per-worker random state, so ``(seed, epoch, index)`` gives bit-identical tensors in any
+seeds of the geometric and of the image-only transforms), never from global or per-worker random state, so ``(seed, epoch, index)`` gives bit-identical tensors in any
 process and with any number of workers. The epoch lives in a shared-memory tensor: ``set_epoch`` in the main process
 reaches persistent DataLoader workers too.
 """
