@@ -48,6 +48,8 @@ def test_int_accepted_for_float_and_tuple_for_list():
     ({"FOCAL_ALPHA": ["a"]}, "FOCAL_ALPHA", "non-negative"),
     ({"LORA_TARGETS": []}, "LORA_TARGETS", "non-empty"),
     ({"LORA_BLOCKS": "first"}, "LORA_BLOCKS", "last_half"),
+    ({"DUPLICATES": "remove"}, "DUPLICATES", "drop"),
+    ({"GROUP_KEY": "slide"}, "GROUP_KEY", "prefix:SEP"),
     ({"RESUME": "yes"}, "RESUME", "auto"),
     ({"INIT_FROM": "phase1"}, "INIT_FROM", "fresh"),
     ({"EVAL_CHECKPOINT": "final"}, "EVAL_CHECKPOINT", "best"),

@@ -116,3 +116,29 @@ def test_empty_map() -> None:
 def test_bad_inputs_raise(bad: np.ndarray, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         hv_maps(bad)
+
+
+def test_whole_cell_targets_crop_after_computing_and_drop_slivers() -> None:
+    from cellseg.data.dataset import context_margin
+    from cellseg.data.targets import whole_cell_targets
+
+    yy, xx = np.mgrid[0:40, 0:72]
+    inst = np.zeros((40, 72), np.int32)
+    inst[(yy - 20) ** 2 + (xx - 20) ** 2 <= 100] = 1  # a disc cut in half by the crop's left edge (x = 20)
+    inst[(yy - 20) ** 2 + (xx - 63) ** 2 <= 64] = 2  # a disc of which the crop (x < 56) shows a sliver
+    types = np.where(inst > 0, inst + 1, 0)
+    crop = (slice(0, 40), slice(20, 56))
+    out_inst, out_types, hv = whole_cell_targets(inst, types, crop)
+    np.testing.assert_array_equal(out_inst, inst[crop])
+    half = out_inst == 1
+    np.testing.assert_array_equal(hv[:, half], hv_maps(inst)[:, crop[0], crop[1]][:, half])
+    assert (hv[0, half] >= 0).all()  # the whole cell's centre lies left of the crop: no negative x offsets
+    sliver = out_inst == 2
+    assert sliver.sum() < 0.1 * (inst == 2).sum() and (hv[:, sliver] == 0).all() and (out_types[sliver] == 0).all()
+    kept = whole_cell_targets(inst, types, crop, min_fragment_fraction=0.0)
+    assert (kept[1][sliver] == 3).all() and (kept[2][:, sliver] != 0).any()
+    with pytest.raises(ValueError, match="min_fragment_fraction must lie in"):
+        whole_cell_targets(inst, types, crop, min_fragment_fraction=1.0)
+    # the window's margin reaches the far side of every cell touching the (context-grown) patch
+    assert context_margin(inst, 10, 22, 20, 0) == 12  # disc 1 spans x 10..30: 12 px left of x = 22
+    assert context_margin(np.zeros_like(inst), 10, 22, 20, 5) == 5

@@ -173,10 +173,10 @@ def test_classify_instances_equals_per_instance_loop():
 def test_classify_edge_cases():
     inst = np.array([[1, 1, 0, 3]])  # id 2 missing
     nc_prob = np.zeros((3, 1, 4), np.float32)
-    nc_prob[0] = 1.0  # all mass on background: uniform over the classes
+    nc_prob[0] = 1.0  # all mass on background: uniform over the classes, but no class votes (class 0)
     fg = np.full((1, 4), 0.8, np.float32)
     types, conf, probs = classify_instances(inst, nc_prob, fg)
-    assert types.tolist() == [1, 0, 1] and probs[0].tolist() == [0.5, 0.5] and probs[1].tolist() == [0, 0]
+    assert types.tolist() == [0, 0, 0] and probs[0].tolist() == [0.5, 0.5] and probs[1].tolist() == [0, 0]
     assert conf.tolist() == pytest.approx([0.4, 0.0, 0.4])
     t, c, p = classify_instances(np.zeros((4, 4), np.int32), np.ones((3, 4, 4)), np.ones((4, 4)))
     assert t.shape == (0,) and p.shape == (0, 2)

@@ -48,6 +48,8 @@ class Config:
     TEST_FRACTION: float = 0.1
     CONSEP_MERGE_CLASSES: bool = True
     QA_OVERLAYS: int = 6
+    DUPLICATES: str = "keep"
+    GROUP_KEY: str = ""
     # --- model (01, 02) ---
     ENCODER: str = "uni"
     ENCODER_WEIGHTS: str = "weights/uni/pytorch_model.bin"
@@ -165,7 +167,8 @@ def _plain(value: Any) -> Any:
 # Which parameters each notebook's ``parameters`` cell declares. A name of another notebook's section is accepted
 # (so one override file serves every notebook) and ignored there; a name in none is an error.
 _COMMON = ("RUN_DIR", "DATA_CACHE", "DATASET", "DATA_ROOT", "SEED", "DEVICE", "NUM_WORKERS")
-_PREPARE = ("SYNTH_NUM_IMAGES", "SYNTH_IMAGE_SIZE", "VAL_FRACTION", "TEST_FRACTION", "CONSEP_MERGE_CLASSES", "QA_OVERLAYS")
+_PREPARE = ("SYNTH_NUM_IMAGES", "SYNTH_IMAGE_SIZE", "VAL_FRACTION", "TEST_FRACTION", "CONSEP_MERGE_CLASSES", "QA_OVERLAYS",
+            "DUPLICATES", "GROUP_KEY")
 _MODEL = (
     "ENCODER", "ENCODER_WEIGHTS", "ENCODER_INDICES", "DECODER", "DECODER_WIDTH", "PATCH_SIZE", "LORA_R", "LORA_ALPHA",
     "LORA_DROPOUT", "LORA_TARGETS", "LORA_BLOCKS", "CHECKPOINT_DIR", "PRECISION", "OBJECT_DIAMETER",
@@ -185,7 +188,7 @@ NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
 
 _CHOICES: dict[str, tuple] = {
     "DATASET": DATASETS, "DECODER": DECODERS, "SCHEDULER": SCHEDULERS, "PRECISION": PRECISIONS, "PHASE": PHASES,
-    "NP_LOSS": NP_LOSSES, "MONITOR_MODE": MODES, "EVAL_PHASE": PHASES,
+    "NP_LOSS": NP_LOSSES, "MONITOR_MODE": MODES, "EVAL_PHASE": PHASES, "DUPLICATES": ("keep", "drop"),
 }
 _POSITIVE = ("EPOCHS", "BATCH_SIZE", "PATCH_SIZE", "LORA_R", "LORA_ALPHA", "SYNTH_NUM_IMAGES", "SYNTH_IMAGE_SIZE",
              "DECODER_WIDTH", "LOG_EVERY", "KEEP_LAST", "RESTART_EPOCHS", "STEP_SIZE", "OBJECT_DIAMETER")
@@ -280,6 +283,9 @@ def _check_value(name: str, value: Any) -> None:
             raise ConfigError(f"ALLOW_CHANGES names differences from a checkpoint's run that RESUME may accept; "
                               f"{bad} are not among them. Allowed: {allowed}. (Parameters not listed may change "
                               f"freely.) {_fix_hint(name)}")
+    if name == "GROUP_KEY" and value and value != "groups.csv" and not re.fullmatch(r"prefix:.+", value):
+        raise ConfigError(f"GROUP_KEY must be '' (no groups), 'prefix:SEP' (e.g. 'prefix:_') or 'groups.csv', got "
+                          f"{value!r}. {_fix_hint(name)}")
     if name == "RUN_DIR" and not value:
         raise ConfigError("RUN_DIR must not be empty: every output of a run goes under it.")
 
@@ -412,6 +418,8 @@ PARAM_HELP: dict[str, str] = {
     "TEST_FRACTION": "test share for datasets without an official split",
     "CONSEP_MERGE_CLASSES": "CoNSeP: merge 7 classes into HoVer-Net's 4",
     "QA_OVERLAYS": "number of overlay figures in the data QA report",
+    "DUPLICATES": "keep | drop: images identical or nearly identical to one of another split (listed in the QA report)",
+    "GROUP_KEY": "folder: keep one slide's tiles in one split: '' | prefix:SEP (name up to SEP) | groups.csv",
     "ENCODER": "uni | uni2 | any timm ViT (test_vit, vit_base_patch16_224) | timm CNN (resnet50, efficientnet_b4)",
     "ENCODER_WEIGHTS": "local state-dict file of the encoder; empty for random init (never downloaded)",
     "ENCODER_INDICES": "ViT blocks feeding the decoder; empty for four evenly spaced (UNI: 5, 11, 17, 23)",

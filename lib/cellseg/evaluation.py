@@ -18,15 +18,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cellseg.inference import predict_image, predict_instances
+from cellseg.inference import predict_image, predict_instances, warn_if_tiles_split_cells
 from cellseg.metrics import image_stats, reduce_stats
+from cellseg.metrics.boxes import BoxScorer
+from cellseg.metrics.detection import RADIUS_PER_DIAMETER, centroid_radius  # noqa: F401  (one radius rule)
 from cellseg.postprocess import DEFAULT_GRID, resolve_params, tune_postprocess
 from cellseg.report import ErrorCrop, error_crops, write_report
 
 log = logging.getLogger(__name__)
 
-# Centroid matching radius as a fraction of the object diameter: HoVer-Net's 12 px for ~20 px nuclei.
-RADIUS_PER_DIAMETER = 0.6
 
 
 def save_prediction(path: Path, pred: dict) -> None:
@@ -132,6 +132,7 @@ def evaluate_model(
         raise ValueError(f"max_images must be None (all) or >= 1, got {max_images}")
     names = _split_names(manifest, split, cache_dir, "evaluation")[:max_images]
     base = resolve_params(pp_params)
+    warn_if_tiles_split_cells(tile_size, overlap, base["object_diameter"])
     infer = {"tile_size": tile_size, "overlap": overlap, "tta": tta, "amp": amp, "device": device}
     out_dir.mkdir(parents=True, exist_ok=True)
     tuning = None
@@ -142,12 +143,13 @@ def evaluate_model(
         params = tuning["params"]
     else:
         params = base
-    radius = RADIUS_PER_DIAMETER * params["object_diameter"]
+    radius = centroid_radius(params["object_diameter"])
     pred_dir = out_dir / "predictions"
     pred_dir.mkdir(exist_ok=True)
     stats, tissues, examples = [], [], []
     false_pos: list[ErrorCrop] = []
     false_neg: list[ErrorCrop] = []
+    boxes = BoxScorer(class_names)  # box-level scores where the cache kept box annotations (BCCD)
     start = time.perf_counter()
     for name in tqdm(names, desc=f"evaluating {split}", disable=not progress):
         sample = load_sample(cache_dir, split, name)
@@ -156,16 +158,22 @@ def evaluate_model(
         save_prediction(pred_dir / f"{name}.npy", pred)
         gt = {k: sample.get(k) for k in ("inst_map", "type_map", "ignore_mask")}
         stats.append(image_stats(gt, pred, len(class_names), match_radius=radius, where=f"{split}/{name}"))
+        boxes.add(sample, pred)
         tissues.append((sample.get("meta") or {}).get("tissue"))
         if len(examples) < n_overlays:
-            examples.append((name, sample["image"], np.asarray(sample["inst_map"]), pred["inst_map"]))
+            examples.append((name, sample["image"], np.asarray(sample["inst_map"]), pred["inst_map"],
+                             np.asarray(sample["type_map"]), pred["type_map"]))
         if len(false_pos) < max_error_crops or len(false_neg) < max_error_crops:
-            fp, fn = error_crops(sample["image"], np.asarray(sample["inst_map"]), pred["inst_map"], name, limit=4)
+            fp, fn = error_crops(sample["image"], np.asarray(sample["inst_map"]), pred["inst_map"], name, limit=4,
+                                 ignore_mask=sample.get("ignore_mask"))
             false_pos += fp[: max_error_crops - len(false_pos)]
             false_neg += fn[: max_error_crops - len(false_neg)]
     seconds = time.perf_counter() - start
     use_tissues = tissues if all(t is not None for t in tissues) else None
     metrics = reduce_stats(stats, class_names, use_tissues, match_radius=radius)
+    metrics.update(boxes.result())
+    if boxes.stats:  # the masks were derived from boxes: say so wherever a mask score is printed
+        metrics["mask_ground_truth"] = "vs box-derived masks"
     metrics.update(
         {
             "split": split,
@@ -191,7 +199,7 @@ def evaluate_model(
                                  f"SHA-256 {checkpoint.get('sha256')})")
     write_report(
         out_dir, metrics, examples=examples, false_positives=false_pos, false_negatives=false_neg,
-        context=context, tuning=tuning, title=f"Evaluation on {split}",
+        context=context, tuning=tuning, title=f"Evaluation on {split}", class_names=class_names,
     )
     log.info("evaluated %d images of %s: PQ %s, mPQ %s", len(names), split, metrics["pq"], metrics["mpq"])
     return metrics

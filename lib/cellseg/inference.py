@@ -11,6 +11,7 @@ forgets.
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import nullcontext
 from typing import Any
 
@@ -127,6 +128,24 @@ def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torc
             f"move the model first with model.to({str(device)!r})"
         )
     return device
+
+
+def warn_if_tiles_split_cells(tile_size: int | None, overlap: float, object_diameter: float) -> bool:
+    """Warn (and return True) when tiles overlap by less than one object diameter.
+
+    Blending only repairs a cell that lies whole inside some tile; with an overlap band narrower than a cell, cells on
+    the seams are seen only in pieces and come out split in two.
+    """
+    if not tile_size or tile_size * overlap >= object_diameter:
+        return False
+    warnings.warn(
+        f"TILE_SIZE x TILE_OVERLAP = {tile_size} x {overlap} = {tile_size * overlap:g} px is smaller than "
+        f"OBJECT_DIAMETER = {object_diameter:g} px: cells on tile seams are never seen whole and may be split. "
+        f"Raise TILE_OVERLAP to at least {object_diameter / tile_size:.2f} (or TILE_SIZE), or use TILE_SIZE=0.",
+        UserWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 def _check_args(tile_size: int | None, overlap: float, amp: str) -> None:

@@ -174,7 +174,8 @@ def classify_instances(
 
     The class probabilities of instance k are the mean of the per-pixel softmax over its pixels, with the background
     channel dropped and the rest renormalised to sum to 1 (uniform when all of the mass is background). The class is
-    their argmax. The confidence is ``mean foreground probability over the instance x probability of the chosen
+    their argmax: the soft form of :func:`cellseg.data.sample.vote_classes` (type 0 never votes, ties to the smaller
+    id, no class mass -> class 0), so one-hot probabilities of a type map give exactly its vote. The confidence is ``mean foreground probability over the instance x probability of the chosen
     class``: high only when the model is sure both that it is an object and what it is (used to rank instances for
     COCO AP). Ids must be 1..N; an id that does not occur gets class 0, confidence 0 and zero probabilities.
 
@@ -207,7 +208,9 @@ def classify_instances(
     probs = np.where(total > 0, sums / np.where(total > 0, total, 1.0), 1.0 / n_classes)
     probs[~present] = 0.0
     types = probs.argmax(axis=1).astype(np.int32) + 1
-    types[~present] = 0
+    # the shared class-vote rule (cellseg.data.sample.vote_classes): background never votes, so an instance without
+    # any class mass is unclassified (0), not class 1
+    types[~present | (total[:, 0] <= 0)] = 0
     fg_mean = np.bincount(ids, weights=fg_prob.ravel()[sel], minlength=n + 1)[1:] / safe
     conf = fg_mean * probs[np.arange(n), np.maximum(types - 1, 0)]
     conf[~present] = 0.0

@@ -15,7 +15,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from skimage.segmentation import find_boundaries
 
-from cellseg.metrics import match_iou, pair_table
+from cellseg.metrics import drop_ignored, match_iou, pair_table, relabel_sequential
+from cellseg.metrics.boxes import box_markdown
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,23 @@ def overlay(image: np.ndarray, gt_inst: np.ndarray | None, pred_inst: np.ndarray
 
 
 def error_crops(
-    image: np.ndarray, gt_inst: np.ndarray, pred_inst: np.ndarray, source: str, limit: int = 8
+    image: np.ndarray,
+    gt_inst: np.ndarray,
+    pred_inst: np.ndarray,
+    source: str,
+    limit: int = 8,
+    *,
+    ignore_mask: np.ndarray | None = None,
 ) -> tuple[list[ErrorCrop], list[ErrorCrop]]:
     """Crops around false positives and false negatives (IoU > 0.5 matching) of one image, at most ``limit`` each,
-    largest first. Each crop spans the instance's bounding box plus its own size on every side (at least 16 px)."""
+    largest first. Each crop spans the instance's bounding box plus its own size on every side (at least 16 px).
+
+    With ``ignore_mask``, the errors are the metrics' own: predictions lying mostly in ignored pixels (unlabelled
+    cells) are no false positives, and ignored pixels count nowhere (:func:`cellseg.metrics.drop_ignored`)."""
+    if ignore_mask is not None:
+        ignore = np.asarray(ignore_mask).astype(bool)
+        pred_inst = drop_ignored(pred_inst, ignore)
+        gt_inst = np.where(ignore, 0, gt_inst)
     table = pair_table(gt_inst, pred_inst)
     gi, pi, _ = match_iou(table)
     out: list[list[ErrorCrop]] = []
@@ -101,7 +115,7 @@ def plot_overlays(examples: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarr
     """One row per image: ground truth, prediction, both. ``examples``: (name, image, gt_inst, pred_inst)."""
     n = max(1, len(examples))
     fig = Figure(figsize=(12, 4 * n))
-    for row, (name, image, gt, pred) in enumerate(examples):
+    for row, (name, image, gt, pred, *_) in enumerate(examples):
         for col, (title, g, p) in enumerate(
             (("ground truth", gt, None), ("prediction", None, pred), ("both (GT green, prediction magenta)", gt, pred))
         ):
@@ -110,6 +124,75 @@ def plot_overlays(examples: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarr
             ax.set_title(f"{name}: {title}", fontsize=8)
             ax.axis("off")
     fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+MISCLASSIFIED_COLOUR = (255, 0, 0)  # fill of a matched prediction whose class differs from the ground truth's
+
+
+def class_overlay(
+    image: np.ndarray,
+    gt_inst: np.ndarray,
+    gt_types: np.ndarray,
+    pred_inst: np.ndarray,
+    pred_types: np.ndarray,
+) -> np.ndarray:
+    """Every instance outlined in its class's colour (ground truth just outside, prediction just inside, colours of
+    :func:`cellseg.data.qa.class_colour`), and matched predictions (IoU > 0.5) of the wrong class filled red.
+
+    Classes are voted by :func:`cellseg.data.sample.vote_classes`. Shape: (H, W, 3) uint8 -> (H, W, 3) uint8.
+    """
+    from cellseg.data.qa import class_colour
+
+    out = image.astype(np.float32)
+    table = pair_table(gt_inst, pred_inst, gt_types, pred_types)  # classes by the shared vote
+    gi, pi, _ = match_iou(table)
+    g, _ = relabel_sequential(gt_inst)
+    p, _ = relabel_sequential(pred_inst)
+    g_cls = np.concatenate([[0], table.gt_classes])
+    p_cls = np.concatenate([[0], table.pred_classes])
+    wrong = np.zeros(p_cls.size, bool)
+    wrong[pi + 1] = g_cls[gi + 1] != p_cls[pi + 1]
+    fill = wrong[p]
+    out[fill] = 0.55 * out[fill] + 0.45 * np.array(MISCLASSIFIED_COLOUR, np.float32)
+    for inst, cls, mode in ((g, g_cls, "outer"), (p, p_cls, "inner")):
+        edge = find_boundaries(inst, mode=mode) & (inst == 0 if mode == "outer" else inst > 0)
+        owner = inst if mode == "inner" else _outer_owner(inst)
+        for c in np.unique(cls[owner[edge]]):
+            out[edge & (cls[owner] == c)] = class_colour(int(c)) if c > 0 else (255, 255, 255)
+    return out.round().astype(np.uint8)
+
+
+def _outer_owner(inst: np.ndarray) -> np.ndarray:
+    """Each background pixel takes the largest id of its 3x3 neighbourhood (who owns an outer outline)."""
+    from scipy import ndimage as ndi
+
+    return np.where(inst > 0, inst, ndi.grey_dilation(inst, size=(3, 3)))
+
+
+def plot_class_overlays(
+    examples: Sequence[tuple], class_names: Sequence[str], path: Path
+) -> Path:
+    """One panel per image: :func:`class_overlay` with a legend of the class colours and the misclassified fill.
+
+    ``examples``: (name, image, gt_inst, pred_inst, gt_types, pred_types).
+    """
+    from matplotlib.patches import Patch
+
+    from cellseg.data.qa import class_colour
+
+    n = max(1, len(examples))
+    fig = Figure(figsize=(6, 5 * n))
+    for row, (name, image, gt, pred, gt_types, pred_types) in enumerate(examples):
+        ax = fig.add_subplot(n, 1, row + 1)
+        ax.imshow(class_overlay(image, gt, gt_types, pred, pred_types))
+        ax.set_title(f"{name}: outline colour = class (outside: ground truth, inside: prediction)", fontsize=8)
+        ax.axis("off")
+    handles = [Patch(color=np.array(class_colour(i)) / 255, label=c) for i, c in enumerate(class_names, start=1)]
+    handles.append(Patch(color=np.array(MISCLASSIFIED_COLOUR) / 255, alpha=0.45, label="matched, wrong class"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=100)
     return path
 
@@ -188,8 +271,12 @@ def report_markdown(
         parts += [alarm, ""]
     if context:
         parts += [_table(["setting", "value"], [[k, v] for k, v in context.items()]), ""]
+    vs = f", {metrics['mask_ground_truth']}" if metrics.get("mask_ground_truth") else ""
+    if metrics.get("mask_ground_truth"):  # BCCD: the masks are derived from boxes, the boxes are the ground truth
+        parts += [f"> Every mask score below is **{metrics['mask_ground_truth']}**; box scores are vs the "
+                  "annotated boxes (last section).", ""]
     parts += [
-        "## Segmentation (class-agnostic, mean over images)",
+        f"## Segmentation (class-agnostic, mean over images{vs})",
         "",
         _table(
             ["PQ", "SQ", "RQ", "bPQ", "mPQ", "mPQ+", "AJI", "AJI+", "Dice", "images"],
@@ -210,7 +297,7 @@ def report_markdown(
         "",
         f"TP {metrics.get('det_tp')}, FP {metrics.get('det_fp')}, FN {metrics.get('det_fn')} (IoU > 0.5).",
         "",
-        "## COCO mask AP (instance confidences, no per-image detection limit)",
+        f"## COCO mask AP (instance confidences, no per-image detection limit{vs})",
         "",
         _table(["AP@0.5", "AP@0.75", "mAP@[.5:.95]"], [[metrics.get("ap50"), metrics.get("ap75"), metrics.get("map")]]),
         "",
@@ -253,6 +340,7 @@ def report_markdown(
                 _table([*keys, "PQ", "SQ", "RQ"], [[r[k] for k in keys] + [r["pq"], r["sq"], r["rq"]] for r in best]),
                 "",
             ]
+    parts += box_markdown(metrics)
     for caption, rel in figures.items():
         parts += [f"### {caption}", "", f"![{caption}]({rel})", ""]
     return "\n".join(parts)
@@ -268,6 +356,7 @@ def write_report(
     context: dict | None = None,
     tuning: dict | None = None,
     title: str = "Evaluation report",
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """Write ``report.md`` with ``overlays.png``, ``false_positives.png``, ``false_negatives.png`` and
     ``confusion.png`` into ``out_dir``; returns the report's path."""
@@ -277,6 +366,9 @@ def write_report(
     if examples:
         plot_overlays(examples, out_dir / "overlays.png")
         figures["Ground truth vs prediction"] = "overlays.png"
+        if class_names and all(len(e) == 6 for e in examples):  # examples with type maps: classes and mistakes
+            plot_class_overlays(examples, class_names, out_dir / "classes.png")
+            figures["Classes (colour = class, red fill = matched with the wrong class)"] = "classes.png"
     plot_gallery(false_positives, "false positives (spurious predictions, filled)", out_dir / "false_positives.png")
     figures["False positives"] = "false_positives.png"
     plot_gallery(false_negatives, "false negatives (missed ground truth, filled)", out_dir / "false_negatives.png")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cellseg.metrics import evaluate_instances
+from cellseg.metrics.detection import centroid_radius
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="metrics JSON to write (default: PRED/metrics.json)")
     parser.add_argument("--classes", nargs="+", default=None, metavar="NAME",
                         help="class names of type ids 1..C (default: class1..classC up to the largest id found)")
-    parser.add_argument("--radius", type=float, default=12.0,
-                        help="centroid matching radius in pixels (default 12, HoVer-Net's for nuclei at 40x)")
+    parser.add_argument("--object-diameter", type=float, default=20.0,
+                        help="typical object diameter in pixels (OBJECT_DIAMETER; default 20, nuclei at 40x)")
+    parser.add_argument("--radius", type=float, default=None,
+                        help="centroid matching radius in pixels (default 0.6 x --object-diameter, the radius of "
+                        "validation and the evaluation notebook: 12 px for nuclei at 40x)")
     return parser
 
 
@@ -133,6 +137,10 @@ def format_table(metrics: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the tables, write the JSON. Returns 0, or 2 on a user error (message on stderr)."""
     try:
+        if not args.object_diameter > 0:
+            raise EvaluateError(f"--object-diameter must be > 0 pixels, got {args.object_diameter}")
+        if args.radius is None:
+            args.radius = centroid_radius(args.object_diameter)
         if not args.radius > 0:
             raise EvaluateError(f"--radius must be > 0 pixels, got {args.radius}")
         gts, preds, names = load_pairs(args.gt, args.pred)

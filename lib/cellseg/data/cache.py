@@ -31,7 +31,7 @@ from cellseg.data.validate import Problem
 
 MANIFEST = "manifest.json"
 MARKER = ".cellseg_cache"
-FORMAT_VERSION = 1  # part of every fingerprint: bump it when a conversion changes, so old caches are rebuilt
+FORMAT_VERSION = 2  # part of every fingerprint: bump it when a conversion changes, so old caches are rebuilt
 PREPARE_HINT = "run notebooks/00_prepare_data.ipynb first (or cellseg.data.prepare_dataset)"
 
 

@@ -1,7 +1,7 @@
 """``CellDataset``: the prepared cache as a ``torch.utils.data.Dataset`` of HoVer-Net targets.
 
 Every item is built from ``np.random.default_rng([seed, epoch, index])`` alone (crop position, then the albumentations
-seed), never from global or per-worker random state, so ``(seed, epoch, index)`` gives bit-identical tensors in any
+seeds of the geometric and of the image-only transforms), never from global or per-worker random state, so ``(seed, epoch, index)`` gives bit-identical tensors in any
 process and with any number of workers. The epoch lives in a shared-memory tensor: ``set_epoch`` in the main process
 reaches persistent DataLoader workers too.
 """
@@ -13,15 +13,18 @@ import math
 from pathlib import Path
 from typing import Any
 
+import albumentations as A
+import cv2
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 from torch.utils.data import Dataset
 
 from cellseg.branches import Branch
 from cellseg.data.augment import AugmentConfig, augment_arrays, build_augmentation
 from cellseg.data.cache import PREPARE_HINT, load_manifest, load_sample
 from cellseg.data.sample import SPLITS, relabel_consecutive
-from cellseg.data.targets import hv_maps
+from cellseg.data.targets import whole_cell_targets
 from cellseg.imageops import normalize_image
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,38 @@ def _window(
     return out
 
 
+def split_pipeline(pipeline: A.Compose) -> tuple[A.Compose, A.Compose]:
+    """The geometric transforms (image and labels, applied to the context window) and the image-only ones (applied
+    to the final patch, where they cost a fraction of the window's area), in their original order."""
+    geometric = [t for t in pipeline.transforms if not isinstance(t, A.ImageOnlyTransform)]
+    photometric = [t for t in pipeline.transforms if isinstance(t, A.ImageOnlyTransform)]
+    return A.Compose(geometric, mask_interpolation=cv2.INTER_NEAREST), A.Compose(photometric)
+
+
+def context_margin(inst_map: np.ndarray, y0: int, x0: int, size: int, base: int) -> int:
+    """Margin around the patch ``[y0, y0 + size) x [x0, x0 + size)`` whose window holds every cell it may show whole.
+
+    The patch grown by ``base`` (the rotation context) is the region whose pixels can reach the patch; the margin is
+    ``base`` plus how far the bounding box of any instance touching that region reaches beyond it. So training
+    targets are computed on whole cells (:func:`cellseg.data.targets.whole_cell_targets`) whatever their size: a
+    margin from a typical diameter would cut BCCD's white cells, which reach 3.4x ``OBJECT_DIAMETER``.
+    """
+    h, w = inst_map.shape
+    ry0, rx0 = y0 - base, x0 - base
+    ry1, rx1 = y0 + size + base, x0 + size + base
+    region = inst_map[max(ry0, 0) : max(min(ry1, h), 0), max(rx0, 0) : max(min(rx1, w), 0)]
+    ids = np.unique(region)
+    ids = ids[ids > 0]
+    if ids.size == 0:
+        return base
+    boxes = ndi.find_objects(inst_map, max_label=int(ids.max()))
+    extra = 0
+    for i in ids:
+        box = boxes[int(i) - 1]
+        extra = max(extra, ry0 - box[0].start, box[0].stop - ry1, rx0 - box[1].start, box[1].stop - rx1)
+    return base + extra
+
+
 class CellDataset(Dataset):
     """Images and HoVer-Net targets of one split of a prepared cache.
 
@@ -68,6 +103,10 @@ class CellDataset(Dataset):
     Items (``P`` = patch size, or the image size when ``patch_size`` is None): ``image`` float32 (3, P, P) normalised
     with ``normalization``; ``np`` int64 (P, P) in {0, 1}; ``hv`` float32 (2, P, P); ``nc`` int64 (P, P) in 0..C;
     ``ignore`` bool (P, P); ``inst_map`` int64 (P, P); ``index`` int64 scalar.
+
+    A patch is cut with a context window around it (:func:`context_margin`: the rotation context plus the full extent
+    of every cell touching it), augmented, and its targets are computed on the window before the final crop
+    (:func:`cellseg.data.targets.whole_cell_targets`): a cell cut by the patch border keeps its whole cell's HV field.
     """
 
     def __init__(
@@ -109,7 +148,7 @@ class CellDataset(Dataset):
         self.seed = int(seed)
         self.augment_config = augment_config or AugmentConfig()
         self.normalization = dict(normalization) if normalization else None
-        self._pipeline = build_augmentation(self.augment_config) if augment else None
+        self._pipeline = split_pipeline(build_augmentation(self.augment_config)) if augment else None
         self._image_counts = {n: manifest.get("image_counts", {}).get(f"{split}/{n}") for n in self.names}
         # shared memory, so persistent DataLoader workers see set_epoch from the main process
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -122,7 +161,7 @@ class CellDataset(Dataset):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._pipeline = build_augmentation(self.augment_config) if self.augment else None
+        self._pipeline = split_pipeline(build_augmentation(self.augment_config)) if self.augment else None
 
     @property
     def num_classes(self) -> int:
@@ -145,17 +184,20 @@ class CellDataset(Dataset):
         """The raw cached sample of ``index`` (internal sample format)."""
         return load_sample(self.cache_dir, self.split, self.names[index])
 
-    def _crop(self, arrays: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def _crop(self, arrays: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int]:
+        """Cut the patch's context window; returns it and the margin around the patch (the patch is its centre)."""
         p = self.patch_size
         h, w = arrays["inst_map"].shape
         if p is None:
-            return arrays
+            return arrays, 0
         if self.augment:
             y0 = int(rng.integers(min(0, h - p), max(0, h - p) + 1))
             x0 = int(rng.integers(min(0, w - p), max(0, w - p) + 1))
-            margin = int(math.ceil(p * (CONTEXT - 1) / 2))
-            return _window(arrays, y0 - margin, x0 - margin, p + 2 * margin, p + 2 * margin)
-        return _window(arrays, (h - p) // 2, (w - p) // 2, p, p)
+            base = int(math.ceil(p * (CONTEXT - 1) / 2))
+        else:
+            y0, x0, base = (h - p) // 2, (w - p) // 2, 0
+        margin = context_margin(arrays["inst_map"], y0, x0, p, base)
+        return _window(arrays, y0 - margin, x0 - margin, p + 2 * margin, p + 2 * margin), margin
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self.names):
@@ -171,7 +213,7 @@ class CellDataset(Dataset):
             "type_map": sample["type_map"],
             "ignore_mask": sample.get("ignore_mask", np.zeros((h, w), dtype=bool)),
         }
-        arrays = self._crop(arrays, rng)
+        arrays, margin = self._crop(arrays, rng)
         image, inst, types, ignore = (
             arrays["image"],
             arrays["inst_map"],
@@ -179,19 +221,23 @@ class CellDataset(Dataset):
             arrays["ignore_mask"],
         )
         if self._pipeline is not None:
-            aug_seed = int(rng.integers(0, 2**31 - 1))
-            image, inst, types, ignore = augment_arrays(self._pipeline, image, inst, types, ignore, aug_seed)
-            if self.patch_size is not None:
-                p = self.patch_size
-                m = (inst.shape[0] - p) // 2
-                crop = (slice(m, m + p), slice(m, m + p))
-                image, inst, types, ignore = image[crop], inst[crop], types[crop], ignore[crop]
+            geometric, photometric = self._pipeline
+            aug_seed, photo_seed = (int(v) for v in rng.integers(0, 2**31 - 1, size=2))  # independent streams
+            image, inst, types, ignore = augment_arrays(geometric, image, inst, types, ignore, aug_seed)
+        # targets of whole cells on the (augmented) window, then the final crop: HoVer-Net's rule
+        rows, cols = slice(margin, inst.shape[0] - margin), slice(margin, inst.shape[1] - margin)
+        inst, types, hv = whole_cell_targets(inst, types, (rows, cols))
+        image, ignore = image[rows, cols], ignore[rows, cols]
+        if self._pipeline is not None:
+            # colour, stain, blur and noise touch the image only: on the patch, not on the (larger) window
+            photometric.set_random_seed(photo_seed)
+            image = photometric(image=np.ascontiguousarray(image))["image"]
         inst = relabel_consecutive(inst)
         types = np.where(inst > 0, types, 0)
         return {
             "image": normalize_image(np.ascontiguousarray(image), self.normalization),
             Branch.NP.value: torch.from_numpy((inst > 0).astype(np.int64)),
-            Branch.HV.value: torch.from_numpy(hv_maps(inst)),
+            Branch.HV.value: torch.from_numpy(hv),
             Branch.NC.value: torch.from_numpy(types.astype(np.int64)),
             "ignore": torch.from_numpy(np.ascontiguousarray(ignore, dtype=bool)),
             "inst_map": torch.from_numpy(inst.astype(np.int64)),

@@ -17,6 +17,7 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+LOSSY_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg")  # fine for images, never for label masks
 
 
 class ImageReadError(ValueError):
@@ -81,8 +82,17 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """Read a single-channel label image (instance ids) as an integer array. Shape: -> (H, W)."""
+    """Read a single-channel label image (instance ids) as an integer array. Shape: -> (H, W).
+
+    Raises:
+        ImageReadError: a JPEG mask (lossy compression changes ids along every edge), or not one channel.
+    """
     path = Path(path)
+    if path.suffix.lower() in LOSSY_SUFFIXES:
+        raise ImageReadError(
+            f"{path}: masks must be lossless (PNG, TIFF or NPY); JPEG compression changes instance ids along every "
+            f"edge. Export the mask again as PNG or TIFF"
+        )
     array = _read_array(path)
     if array.ndim == 3 and array.shape[2] in (3, 4) and np.array_equal(array[..., 0], array[..., 1]):
         array = array[..., 0]  # grey saved as RGB

@@ -17,7 +17,11 @@ Layout of ``DATA_ROOT``::
                                 unpickler (cellseg.data.safe_pickle)
         or <name>_mask.png|.tif instance ids, 0 = background; classes from classes.csv (or the single class)
 
-An image with both a ``.npy`` and a ``_mask`` file uses the ``.npy``; an image with neither is a problem.
+An image with both a ``.npy`` and a ``_mask`` file uses the ``.npy``; an image with neither is a problem. Masks must be
+lossless (PNG/TIFF/NPY): a JPEG mask is an error naming the file (JPEG blurs ids at every edge).
+
+Without split folders, ``group_key`` keeps the tiles of one slide or patient in one split: ``prefix:SEP`` groups by
+the file name up to the first ``SEP``, ``groups.csv`` (``name,group`` rows in DATA_ROOT) names each image's group.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from cellseg.data.files import IMAGE_SUFFIXES, read_image, read_mask
-from cellseg.data.records import DatasetSource, Record, seeded_split, split_of
+from cellseg.data.records import DatasetSource, Record, grouped_split, seeded_split, split_of
 from cellseg.data.safe_pickle import load_label_dict
 from cellseg.data.sample import SPLITS
 from cellseg.data.validate import DataValidationError, Problem
@@ -160,8 +164,50 @@ def _load_mask_pair(
     }
 
 
+GROUPS_CSV = "groups.csv"
+
+
+def image_groups(root: Path, names: list[str], group_key: str, problems: list[Problem]) -> dict[str, str] | None:
+    """``name -> group`` by ``group_key``: ``prefix:SEP`` (the name up to the first SEP) or ``groups.csv``.
+
+    ``groups.csv`` in DATA_ROOT has the header ``name,group`` (name = image file stem). Every image needs a group;
+    missing ones are problems naming the file. Returns None without a group key.
+
+    Raises:
+        ValueError: an unknown group key, naming GROUP_KEY and the allowed forms.
+    """
+    if not group_key:
+        return None
+    if group_key.startswith("prefix:") and len(group_key) > len("prefix:"):
+        sep = group_key[len("prefix:") :]
+        return {n: n.split(sep, 1)[0] for n in names}
+    if group_key == GROUPS_CSV:
+        path = root / GROUPS_CSV
+        if not path.is_file():
+            problems.append(Problem(str(path), "missing: GROUP_KEY='groups.csv' needs this file (header name,group)"))
+            return None
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if rows and not {"name", "group"} <= set(rows[0]):
+            problems.append(Problem(str(path), f"header must be 'name,group', got {list(rows[0])}"))
+            return None
+        table = {r["name"].strip(): r["group"].strip() for r in rows}
+        missing = sorted(set(names) - set(table))
+        if missing:
+            problems.append(
+                Problem(str(path), f"{len(missing)} image(s) have no group, e.g. {missing[:3]}; add a row for each")
+            )
+            return None
+        return {n: table[n] for n in names}
+    raise ValueError(
+        f"GROUP_KEY must be '' (no groups), 'prefix:SEP' (e.g. 'prefix:_' groups slide1_tile3 under slide1) or "
+        f"'{GROUPS_CSV}' (DATA_ROOT/{GROUPS_CSV} with rows name,group), got {group_key!r}. Set it in "
+        f"notebooks/00_prepare_data.ipynb's parameters cell or with -p GROUP_KEY ..."
+    )
+
+
 def folder_source(
-    data_root: str | Path | None, *, seed: int, val_fraction: float, test_fraction: float
+    data_root: str | Path | None, *, seed: int, val_fraction: float, test_fraction: float, group_key: str = ""
 ) -> DatasetSource:
     """List a ``folder`` dataset (module docstring for the layout)."""
     if data_root is None:
@@ -186,7 +232,11 @@ def folder_source(
             )
     else:
         folders = {"flat": root}
-        assigned = split_of(seeded_split(list(_images_in(root)), val_fraction, test_fraction, seed))
+        names = list(_images_in(root))
+        groups = image_groups(root, names, group_key, problems)
+        # with groups, every tile of a slide or patient lands in the same split (no leakage through neighbours)
+        split = grouped_split(groups, val_fraction, test_fraction, seed) if groups else None
+        assigned = split_of(split or seeded_split(names, val_fraction, test_fraction, seed))
     records: list[Record] = []
 
     def read_csv(path: Path) -> dict[str, dict[int, int]] | None:

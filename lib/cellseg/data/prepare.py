@@ -82,7 +82,9 @@ def _build_source(dataset: str, data_root: Path | None, options: dict[str, Any])
             test_fraction=test,
         ),
         "bccd": lambda: bccd.bccd_source(data_root),
-        "folder": lambda: folder.folder_source(data_root, seed=seed, val_fraction=val, test_fraction=test),
+        "folder": lambda: folder.folder_source(
+            data_root, seed=seed, val_fraction=val, test_fraction=test, group_key=options.get("group_key", "")
+        ),
         "pannuke": lambda: formats.pannuke_source(data_root, fold_splits=options["pannuke_fold_splits"]),
         "consep": lambda: formats.consep_source(
             data_root, seed=seed, val_fraction=val, merge_classes=options["consep_merge_classes"]
@@ -212,6 +214,7 @@ def validate_dataset(
     pannuke_fold_splits: dict[int, str] | None = None,
     num_workers: int = 2,
     progress: bool = False,
+    group_key: str = "",
 ) -> list[Problem]:
     """Check every image of a source dataset without writing anything; returns all problems found (empty when clean).
 
@@ -228,6 +231,7 @@ def validate_dataset(
         consep_merge_classes,
         pannuke_fold_splits,
     )
+    options["group_key"] = group_key
     root = Path(data_root) if data_root is not None else None
     source = _build_source(dataset, root, options)
     problems = list(source.problems) + _empty_split_problems(source, root, _allowed_empty(dataset, options))
@@ -282,6 +286,8 @@ def prepare_dataset(
     progress: bool = True,
     pannuke_fold_splits: dict[int, str] | None = None,
     num_workers: int = 2,
+    duplicates: str = "keep",
+    group_key: str = "",
 ) -> dict[str, Any]:
     """Build (or reuse) the prepared cache of ``dataset`` in ``cache_dir`` and return its manifest.
 
@@ -298,6 +304,10 @@ def prepare_dataset(
         progress: show a progress bar.
         pannuke_fold_splits: PanNuke fold -> split (default {1: "train", 2: "val", 3: "test"}).
         num_workers: worker processes for the conversion (used for 64 images or more).
+        duplicates: images identical or nearly identical to one of another split (listed in the manifest and the QA
+            report, :mod:`cellseg.data.duplicates`): ``keep`` them, or ``drop`` them from val/test.
+        group_key: ``folder`` only: keep the tiles of one group (slide, patient) in one split; ``""`` (none),
+            ``prefix:SEP`` (the file name up to the first ``SEP``) or ``groups.csv`` (``name,group`` rows in DATA_ROOT).
 
     Raises:
         ValueError: unknown ``dataset`` or bad parameters, naming them and the allowed values.
@@ -323,12 +333,22 @@ def prepare_dataset(
             f"DATA_ROOT={root} does not exist; set DATA_ROOT to the {dataset} dataset folder"
         )
     relevant = {k: options[k] for k in RELEVANT_OPTIONS[dataset]}
+    # only non-default choices enter the fingerprint, so caches prepared before these options existed stay valid
+    relevant.update({k: v for k, v in (("duplicates", duplicates), ("group_key", group_key)) if v not in ("keep", "")})
+    from cellseg.data.duplicates import DUPLICATE_CHOICES
+
+    if duplicates not in DUPLICATE_CHOICES:
+        raise ValueError(
+            f"DUPLICATES must be one of {list(DUPLICATE_CHOICES)}, got {duplicates!r}. Set it in "
+            f"notebooks/00_prepare_data.ipynb's parameters cell or with -p DUPLICATES ..."
+        )
+    options["group_key"] = group_key
     digest = fingerprint({"dataset": dataset, **relevant}, root, cache_dir)
     manifest = _reusable(cache_dir, digest)
     if manifest is not None:
         log.info("reusing the prepared cache at %s (same inputs, fingerprint %s)", cache_dir, digest)
     else:
-        manifest = _build(dataset, root, cache_dir, options, digest, num_workers, progress)
+        manifest = _build(dataset, root, cache_dir, options, digest, num_workers, progress, duplicates)
     if qa_dir is not None:
         from cellseg.data.qa import qa_is_current, write_qa_report
 
@@ -347,6 +367,7 @@ def _build(
     digest: str,
     num_workers: int,
     progress: bool,
+    duplicates: str = "keep",
 ) -> dict[str, Any]:
     source = _build_source(dataset, root, options)
     log.info("preparing %s: %d images -> %s", dataset, len(source.records), cache_dir)
@@ -371,6 +392,7 @@ def _build(
     if problems:
         raise DataValidationError(problems, f"DATASET='{dataset}' at DATA_ROOT={root}")
     manifest = _manifest(source, results, root, {k: options[k] for k in RELEVANT_OPTIONS[dataset]}, digest)
+    manifest = _record_duplicates(manifest, cache_dir, duplicates)
     write_manifest(cache_dir, manifest)
     total = {c: sum(manifest["counts"][s][c] for s in SPLITS) for c in source.class_names}
     log.info(
@@ -420,4 +442,20 @@ def _manifest(
     from cellseg.data.provenance import content_fingerprint
 
     manifest["content_fingerprint"] = content_fingerprint(manifest)  # what it holds (training records it)
+    return manifest
+
+
+def _record_duplicates(manifest: dict[str, Any], cache_dir: Path, duplicates: str) -> dict[str, Any]:
+    """List images repeated across splits in the manifest (and drop them from val/test when asked); warn about them."""
+    from cellseg.data.duplicates import apply_duplicates
+
+    manifest = apply_duplicates(manifest, cache_dir, duplicates)
+    for pair in manifest["near_duplicates"]:
+        log.warning(
+            "%s is %s %s (dHash distance %d bits): %s",
+            pair["image"], "identical to" if pair["kind"] == "identical" else "a near duplicate of", pair["other"],
+            pair["distance"],
+            "dropped (DUPLICATES='drop')" if pair["image"] in manifest["dropped_duplicates"]
+            else "kept; its scores are not independent of training (DUPLICATES='drop' removes it)",
+        )  # fmt: skip
     return manifest

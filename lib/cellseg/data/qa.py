@@ -118,6 +118,7 @@ def collect_qa(cache_dir: str | Path) -> dict[str, Any]:
     fallbacks = {c: 0 for c in names}
     fills: dict[str, list[float]] = {c: [] for c in names}
     degenerate: list[dict] = []
+    duplicates: list[dict] = []
     ignore_px = total_px = 0
     has_boxes = False
     for split in SPLITS:
@@ -140,6 +141,7 @@ def collect_qa(cache_dir: str | Path) -> dict[str, Any]:
                     fallbacks[c] += int(bool(fb))
                     fills[c].append(float(fill))
                 degenerate.extend(meta.get("degenerate_boxes", []))
+                duplicates.extend({"split": split, "image": name, **d} for d in meta.get("duplicate_boxes", []))
     per_class: dict[str, dict[str, Any]] = {}
     for c in names:
         entry: dict[str, Any] = {
@@ -161,6 +163,9 @@ def collect_qa(cache_dir: str | Path) -> dict[str, Any]:
         "classes": per_class,
         "ignore_pixel_fraction": round(ignore_px / total_px, 6) if total_px else 0.0,
         "degenerate_boxes": degenerate,
+        "duplicate_boxes": duplicates,
+        "near_duplicate_images": manifest.get("near_duplicates", []),
+        "dropped_duplicate_images": manifest.get("dropped_duplicates", []),
         "has_boxes": has_boxes,
     }
 
@@ -256,6 +261,19 @@ def _markdown(qa: dict[str, Any]) -> str:
                 f"- `{d['file']}` object {d['object']} {d['class']}: xmin={d['xmin']} ymin={d['ymin']} "
                 f"xmax={d['xmax']} ymax={d['ymax']} ({d['reason']})"
             )
+    if qa["has_boxes"]:
+        from cellseg.data.bccd import DUPLICATE_BOX_IOU
+
+        lines += [
+            "",
+            f"## Cells annotated twice (same class, box IoU > {DUPLICATE_BOX_IOU}), merged into one: "
+            f"{len(qa['duplicate_boxes'])}",
+            "",
+        ]
+        for d in qa["duplicate_boxes"]:
+            boxes = "; ".join("xmin={} ymin={} xmax={} ymax={}".format(*b) for b in d["voc_boxes"])
+            lines.append(f"- `{d['file']}` ({d['split']}) {d['class']}: {boxes} (IoU {d['iou']}) -> one cell")
+    lines += _duplicate_image_lines(qa)
     lines += [
         "",
         "## Overlays",
@@ -265,3 +283,18 @@ def _markdown(qa: dict[str, Any]) -> str:
     ]
     lines += [f"![{png}]({png})" for png in qa.get("overlays", [])]
     return "\n".join(lines) + "\n"
+
+
+def _duplicate_image_lines(qa: dict[str, Any]) -> list[str]:
+    near = qa.get("near_duplicate_images", [])
+    dropped = qa.get("dropped_duplicate_images", [])
+    lines = ["", f"## Identical or near-duplicate images in different splits: {len(near)}", ""]
+    if near:
+        lines.append("| image | other image | kind | hash distance |")
+        lines.append("|---|---|---|---|")
+        lines += [f"| {d['image']} | {d['other']} | {d['kind']} | {d['distance']} |" for d in near]
+    if dropped:
+        lines += ["", f"Dropped from val/test (DUPLICATES='drop'): {', '.join(dropped)}"]
+    elif near:
+        lines += ["", "Kept in their splits (DUPLICATES='keep'): scores on val/test include these images."]
+    return lines

@@ -72,6 +72,20 @@ def seeded_split(
     return {"train": train, "val": val, "test": test}
 
 
+def grouped_split(
+    groups: dict[str, str], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[str]]:
+    """Split names by group (slide, patient): the groups are split as :func:`seeded_split` splits names, and every
+    name follows its group, so no group straddles two splits. Fractions count groups, not images.
+
+    Args:
+        groups: ``name -> group``.
+    """
+    by_group = seeded_split(sorted(set(groups.values())), val_fraction, test_fraction, seed)
+    where = split_of(by_group)
+    return {s: sorted(n for n, g in groups.items() if where[g] == s) for s in SPLITS}
+
+
 def split_of(splits: dict[str, list[str]]) -> dict[str, str]:
     """Invert ``{split: [names]}`` to ``{name: split}``."""
     return {name: split for split in SPLITS for name in splits.get(split, [])}

@@ -43,24 +43,38 @@ def relabel_consecutive(inst_map: np.ndarray) -> np.ndarray:
     return new[inverse.reshape(inst_map.shape)]
 
 
+def vote_classes(inst_map: np.ndarray, type_map: np.ndarray, n_instances: int) -> np.ndarray:
+    """The class of every instance 1..N: the majority of its non-zero ``type_map`` pixels.
+
+    The one class-vote rule of cellseg, shared by the data checks, the metrics and post-processing: type 0 never
+    votes (an instance half background-typed and half class 2 is class 2), ties go to the smaller class id, and an
+    instance whose pixels are all type 0 (or that has no pixel) gets class 0 (unclassified).
+
+    Shape: (H, W) ids 1..N, (H, W) -> (N,) int64.
+    """
+    if n_instances == 0:
+        return np.zeros(0, np.int64)
+    inst = inst_map.ravel().astype(np.int64)
+    types = type_map.ravel().astype(np.int64)
+    sel = (inst > 0) & (inst <= n_instances) & (types > 0)
+    if not sel.any():
+        return np.zeros(n_instances, np.int64)
+    n_types = int(types[sel].max()) + 1
+    # one joint histogram over (instance, type): argmax per row is the majority type (first maximum: smaller id)
+    votes = np.bincount((inst[sel] - 1) * n_types + types[sel], minlength=n_instances * n_types)
+    votes = votes.reshape(n_instances, n_types)
+    out = votes.argmax(axis=1).astype(np.int64)
+    out[votes.max(axis=1) == 0] = 0
+    return out
+
+
 def instance_types(inst_map: np.ndarray, type_map: np.ndarray) -> np.ndarray:
-    """Majority type id of every instance 1..N (index 0 is background and always 0).
+    """Class of every instance 1..N by :func:`vote_classes` (index 0 is background and always 0).
 
     Shape: (H, W), (H, W) -> (N + 1,) int64.
     """
     n = int(inst_map.max(initial=0))
-    out = np.zeros(n + 1, dtype=np.int64)
-    fg = inst_map > 0
-    if n == 0:
-        return out
-    ids = inst_map[fg].astype(np.int64)
-    types = type_map[fg].astype(np.int64)
-    n_types = int(types.max(initial=0)) + 1
-    # one joint histogram over (instance, type): argmax per row is the majority type
-    hist = np.bincount(ids * n_types + types, minlength=(n + 1) * n_types).reshape(n + 1, n_types)
-    out[:] = hist.argmax(axis=1)
-    out[0] = 0
-    return out
+    return np.concatenate([[0], vote_classes(inst_map, type_map, n)]).astype(np.int64)
 
 
 def class_instance_counts(inst_map: np.ndarray, type_map: np.ndarray, num_classes: int) -> list[int]:

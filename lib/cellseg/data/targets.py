@@ -86,3 +86,54 @@ def hv_maps(inst_map: np.ndarray) -> np.ndarray:
     den = np.where(off_x > 0, np.repeat(right, lengths), np.repeat(left, lengths))
     out[0].ravel()[pixels] = (off_x / den).astype(np.float32)
     return out
+
+
+# A cut cell whose visible part is smaller than this fraction of the whole cell is dropped from the HV and NC targets
+# (its pixels stay foreground for NP). HoVer-Net removes objects under 30 px from its HV targets
+# (``remove_small_objects(min_size=30)`` in ``gen_instance_hv_map``), about a tenth of a 40x nucleus; a fraction of the
+# cell's own area makes the same rule independent of magnification and cell type.
+MIN_FRAGMENT_FRACTION = 0.1
+
+
+def whole_cell_targets(
+    inst_map: np.ndarray,
+    type_map: np.ndarray,
+    crop: tuple[slice, slice],
+    *,
+    min_fragment_fraction: float = MIN_FRAGMENT_FRACTION,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Targets of a patch cut from a larger window: HV maps of the whole cells, cropped afterwards.
+
+    HoVer-Net's rule (targets on the larger input patch, then the centre crop to the output): a cell cut by the patch
+    border keeps the HV field of the whole cell, centred on the whole cell's centre of mass, not on its visible
+    fragment. A cut cell whose visible part holds less than ``min_fragment_fraction`` of its pixels is dropped from
+    the HV target (0) and the NC target (type 0), as HoVer-Net drops small objects; NP and the instance map keep it.
+
+    Args:
+        inst_map: instance ids of the window (every cell touching ``crop`` should lie whole inside it).
+        type_map: type ids of the window.
+        crop: the patch inside the window, ``(rows, cols)`` slices with explicit bounds.
+        min_fragment_fraction: in [0, 1); 0 keeps every fragment.
+
+    Returns:
+        ``(inst_map, type_map, hv)`` of the patch.
+
+    Shape: (H, W), (H, W) -> (h, w), (h, w), (2, h, w).
+    """
+    if not 0.0 <= min_fragment_fraction < 1.0:
+        raise ValueError(f"min_fragment_fraction must lie in [0, 1), got {min_fragment_fraction}")
+    hv = hv_maps(inst_map)[:, crop[0], crop[1]]
+    inst = inst_map[crop]
+    types = type_map[crop].copy()
+    if min_fragment_fraction > 0 and inst.size and inst.max() > 0:
+        n = int(inst_map.max()) + 1
+        whole = np.bincount(inst_map.ravel(), minlength=n)
+        visible = np.bincount(inst.ravel(), minlength=n)
+        fragment = (visible < whole) & (visible < min_fragment_fraction * whole)
+        fragment[0] = False
+        drop = fragment[inst]
+        if drop.any():
+            hv = hv.copy()
+            hv[:, drop] = 0.0
+            types[drop] = 0
+    return inst, types, np.ascontiguousarray(hv)

@@ -149,24 +149,13 @@ def centroids(inst_map: np.ndarray, n_instances: int) -> np.ndarray:
 
 
 def instance_classes(inst_map: np.ndarray, type_map: np.ndarray, n_instances: int) -> np.ndarray:
-    """Class of each instance of a relabelled map: majority vote of its non-zero ``type_map`` pixels.
-
-    Ties go to the smaller class id; an instance whose pixels are all type 0 gets class 0 (unclassified: it counts
-    in class-agnostic metrics and in no class). Shape: (H, W) relabelled 1..N, (H, W) -> (N,) int64.
+    """Class of each instance of a relabelled map: :func:`cellseg.data.sample.vote_classes`, the rule shared with
+    the data checks and post-processing (type 0 never votes, ties to the smaller class id, all type 0 -> class 0,
+    which counts in class-agnostic metrics and in no class). Shape: (H, W) relabelled 1..N, (H, W) -> (N,) int64.
     """
-    inst = inst_map.ravel()
-    types = type_map.ravel().astype(np.int64)
-    sel = (inst > 0) & (types > 0)
-    if n_instances == 0:
-        return np.zeros(0, np.int64)
-    if not sel.any():
-        return np.zeros(n_instances, np.int64)
-    n_types = int(types[sel].max()) + 1
-    votes = np.bincount((inst[sel] - 1) * n_types + types[sel], minlength=n_instances * n_types)
-    votes = votes.reshape(n_instances, n_types)
-    out = votes.argmax(axis=1).astype(np.int64)
-    out[votes.max(axis=1) == 0] = 0
-    return out
+    from cellseg.data.sample import vote_classes
+
+    return vote_classes(inst_map, type_map, n_instances)
 
 
 def drop_ignored(pred_inst: np.ndarray, ignore_mask: np.ndarray | None) -> np.ndarray:

@@ -36,6 +36,7 @@ def run_validation(model, dataset, loss_fn, *, class_names: list[str], device, r
                    max_images: int = 0, object_diameter: float = 20.0, precision_ctx=None) -> dict:
     """Validate on this rank's share of ``dataset`` (whole images), gather, and compute the metrics on every rank."""
     from cellseg.metrics import evaluate_instances
+    from cellseg.metrics.detection import centroid_radius
 
     n = len(dataset) if not max_images else min(max_images, len(dataset))
     loss_sums: dict[str, float] = {}
@@ -61,7 +62,8 @@ def run_validation(model, dataset, loss_fn, *, class_names: list[str], device, r
     gathered = sorted((x for part in all_gather_objects(items) for x in part), key=lambda t: t[0])
     gts = [g for _, g, _, _ in gathered]
     preds = [{k: p[k] for k in ("inst_map", "type_map", "scores")} for _, _, p, _ in gathered]
-    metrics = evaluate_instances(gts, preds, class_names)
+    # the evaluation's centroid radius (0.6 x OBJECT_DIAMETER), not a fixed 12 px
+    metrics = evaluate_instances(gts, preds, class_names, match_radius=centroid_radius(object_diameter))
     val: dict = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     val["per_class"] = metrics.get("per_class", {})
     for key in gathered[0][3]:
