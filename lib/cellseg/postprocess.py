@@ -265,6 +265,8 @@ def tune_postprocess(
     Args:
         samples: ``(fg_prob (H, W), hv (2, H, W), gt_inst (H, W))`` per image, optionally with a fourth element,
             the ``ignore_mask`` (H, W) bool: predictions lying mostly inside it are dropped, as in the metrics.
+            Any sequence: items are read once per parameter setting and not kept, so a lazy sequence such as
+            :class:`cellseg.tuning.DiskMaps` keeps memory at one image's maps.
         grid: parameter name -> candidate values (default :data:`DEFAULT_GRID`); the full product is searched.
         base_params: fixed values for the parameters not in the grid (e.g. ``object_diameter``).
 
