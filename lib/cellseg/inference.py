@@ -20,7 +20,12 @@ from torch import nn
 
 from cellseg.branches import Branch
 from cellseg.imageops import normalize_image
-from cellseg.postprocess import classify_instances, hv_to_instances, instance_objectness, instances_to_type_map
+from cellseg.postprocess import (
+    classify_instances,
+    hv_to_instances,
+    instance_objectness,
+    instances_to_type_map,
+)
 
 log = logging.getLogger(__name__)
 

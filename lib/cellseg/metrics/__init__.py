@@ -4,7 +4,13 @@ P/R/F1 (IoU and centroid matching), semantic IoU/Dice, and COCO mask AP (categor
 Each number's convention is in :mod:`cellseg.metrics.conventions`.
 """
 
-from cellseg.metrics.aggregate import ImageStats, evaluate_instances, image_stats, pannuke_image_scores, reduce_stats
+from cellseg.metrics.aggregate import (
+    ImageStats,
+    evaluate_instances,
+    image_stats,
+    pannuke_image_scores,
+    reduce_stats,
+)
 from cellseg.metrics.aji import aji_plus_totals, aji_totals
 from cellseg.metrics.coco import average_precision, category_average, image_detections, precision_curve
 from cellseg.metrics.conventions import CLASS_AGNOSTIC_KEYS, CLASS_AWARE_KEYS, conventions
