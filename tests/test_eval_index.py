@@ -170,3 +170,15 @@ def test_pointer_and_record_errors(tmp_path):
         latest_eval_dir(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist; cannot record"):
         checkpoint_record(tmp_path / "nope.pt")
+
+
+def test_summarize_rejects_no_runs_and_broken_metrics(tmp_path):
+    from cellseg.runs_table import RunsError, summarize_runs
+
+    with pytest.raises(RunsError, match="give at least one RUN_DIR"):
+        summarize_runs([])
+    (tmp_path / "eval" / "phase2-best-test").mkdir(parents=True)
+    (tmp_path / "eval" / "phase2-best-test" / "metrics.json").write_text("{broken")
+    (tmp_path / "eval" / "index.jsonl").write_text(json.dumps({"dir": "phase2-best-test"}) + "\n")
+    with pytest.raises(RunsError, match="metrics.json is not valid JSON"):
+        summarize_runs([tmp_path])
