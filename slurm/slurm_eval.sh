@@ -7,7 +7,9 @@
 #
 # Same set-up as slurm_train.sh (root, environment, kernelspec check, parameters to papermill, job directory
 # RUN_DIR/jobs/<job id>/ with the executed notebook). Evaluation keeps no resumable state, so there is no stop
-# signal and no requeue: the job finished when papermill exits 0 and RUN_DIR/eval/metrics.json was written by it.
+# signal and no requeue: the job finished when papermill exits 0 and the evaluation folder's metrics.json
+# (RUN_DIR/eval/phase<EVAL_PHASE>-<EVAL_CHECKPOINT>-<EVAL_SPLIT>/metrics.json) was written by it.
+# RUN_DIR/eval/index.jsonl lists every evaluation; `cellseg runs summarize RUN_DIR ...` tabulates them.
 # Exit codes: 0 finished, 1 failed, 2 set-up error.
 #
 #SBATCH --job-name=cellseg-eval

@@ -158,3 +158,63 @@ def test_runs_as_a_module(dirs):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "mpq_plus" in proc.stdout
+
+
+def _add_third_image(gt_dir: Path, pred_dir: Path, meta_tissue: str | None) -> None:
+    gt_c = disks((32, 32), [(16, 16)], [6])
+    rec = record(gt_c, [1])
+    if meta_tissue is not None:
+        rec["meta"] = {"name": "c", "tissue": meta_tissue}
+    np.save(gt_dir / "c.npy", rec, allow_pickle=True)
+    np.save(pred_dir / "c.npy", record(gt_c, [1], scores=[0.5]), allow_pickle=True)
+
+
+def test_tissues_from_the_gt_files_and_from_a_file(dirs, tmp_path):
+    """bPQ averaged per tissue, then over tissues: a, c perfect (bPQ 1), b a miss (bPQ 0)."""
+    gt_dir, pred_dir = dirs
+    _add_third_image(gt_dir, pred_dir, "Colon")
+    for name, tissue in (("a", "Colon"), ("b", "Breast")):
+        rec = np.load(gt_dir / f"{name}.npy", allow_pickle=True).item()
+        rec["tissue"] = tissue  # a plain 'tissue' key works as well as the cache's meta['tissue']
+        np.save(gt_dir / f"{name}.npy", rec, allow_pickle=True)
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--gt", str(gt_dir), "--pred", str(pred_dir), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_tissues"] == 2 and res["bpq"] == pytest.approx((1.0 + 0.0) / 2)  # over images it would be 2/3
+    assert res["per_tissue"]["Colon"]["bpq"] == 1.0 and res["per_tissue"]["Colon"]["n_images"] == 2
+    tissues = tmp_path / "tissues.csv"
+    tissues.write_text("# file,tissue\na.npy,Lung\nb,Lung\nc.npy,Skin\n")  # --tissues wins over the files
+    assert main(["evaluate", "--gt", str(gt_dir), "--pred", str(pred_dir), "--out", str(out),
+                 "--tissues", str(tissues)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["per_tissue"]) == {"Lung", "Skin"} and res["bpq"] == pytest.approx((0.5 + 1.0) / 2)
+    (tmp_path / "t.json").write_text(json.dumps({"a.npy": "x", "b.npy": "x", "c.npy": "x"}))
+    assert main(["evaluate", "--gt", str(gt_dir), "--pred", str(pred_dir), "--out", str(out),
+                 "--tissues", str(tmp_path / "t.json")]) == 0
+    assert json.loads(out.read_text())["n_tissues"] == 1
+
+
+@pytest.mark.parametrize(
+    "content, suffix, fragment",
+    [
+        ("a.npy,Lung\n", ".csv", "no tissue for 1 of 2 files: b.npy"),
+        ("a.npy Lung\n", ".csv", "line 1: expected 'file name,tissue'"),
+        ("{not json", ".json", "is not valid JSON"),
+        ("[1, 2]", ".json", "must hold a JSON object"),
+        (None, ".csv", "cannot read it"),
+    ],
+)
+def test_bad_tissue_files_are_named(dirs, tmp_path, capsys, content, suffix, fragment):
+    gt_dir, pred_dir = dirs
+    path = tmp_path / f"tissues{suffix}"
+    if content is not None:
+        path.write_text(content)
+    _expect_error(["evaluate", "--gt", str(gt_dir), "--pred", str(pred_dir), "--tissues", str(path)], capsys,
+                  fragment, str(path))
+
+
+def test_tissue_labels_on_only_some_gt_files_are_an_error(dirs, capsys):
+    gt_dir, pred_dir = dirs
+    _add_third_image(gt_dir, pred_dir, "Colon")
+    _expect_error(["evaluate", "--gt", str(gt_dir), "--pred", str(pred_dir)], capsys,
+                  "2 of 3 files", "carry no tissue label", "a.npy, b.npy", "--tissues FILE")

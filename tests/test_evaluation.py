@@ -120,8 +120,11 @@ def test_stand_in_scores_well_and_tuning_is_recorded(evaluated):
     assert metrics["postprocess"] == tuning["params"]
     assert metrics["match_radius"] == pytest.approx(6.0)  # 0.6 x the diameter
     report = (out / "report.md").read_text()
-    for heading in ("Per class", "Detection", "COCO mask AP", "Confusion matrix", "Post-processing"):
+    for heading in ("## Class-agnostic", "## Class-aware", "Per class", "Confusion matrix", "Post-processing"):
         assert heading in report
+    # every headline number is printed beside its convention
+    assert f"| `bpq` | {metrics['bpq']:.4f} | PanNuke official" in report
+    assert "| `ap50_agnostic` |" in report and "ranked by objectness" in report
     assert "CLASS COLLAPSE" not in report
 
 
@@ -135,8 +138,10 @@ def test_saved_predictions_rescore_identically(evaluated, cache, tmp_path, capsy
                    str(tmp_path / "m.json"), "--classes", *CLASSES, "--radius", "6"])
     assert rc == 0
     rescored = json.loads((tmp_path / "m.json").read_text())
-    for key in ("pq", "sq", "rq", "mpq", "mpq_plus", "aji", "aji_plus", "dice", "det_f1", "ap50", "map"):
+    for key in ("pq", "sq", "rq", "mpq", "mpq_plus", "aji", "aji_plus", "dice", "det_f1", "ap50", "map",
+                "ap50_agnostic", "map_agnostic"):
         assert rescored[key] == pytest.approx(metrics[key]), key
+    assert rescored["ap_agnostic_ranked_by"] == ["objectness"]  # saved predictions carry the objectness
     assert rescored["per_class"] == metrics["per_class"]
 
 
@@ -160,6 +165,7 @@ def test_class_collapse_alarm(cache, tmp_path):
         ({"class_names": ["a", "b"]}, r"differ from the cache's \['round', 'square'\]"),
         ({"max_images": 0}, "max_images must be None"),
         ({"pp_params": {"diameter": 3}}, "unknown post-processing parameter 'diameter'"),
+        ({"tune_split": "test"}, "tune_split 'test' is the evaluated split"),
     ],
 )
 def test_errors(tmp_path, kwargs, match):
@@ -190,7 +196,7 @@ def test_report_markdown_and_alarm(tmp_path):
         "collapsed_classes": ["a"], "confusion": {"labels": ["a"], "matrix": [[0]], "unclassified_matches": 0},
     }
     text = report_markdown(metrics, context={"split": "test"})
-    assert text.index("CLASS COLLAPSE") < text.index("## Segmentation")
+    assert text.index("CLASS COLLAPSE") < text.index("## Class-agnostic")
     assert "| a | 3 | 0 |" in text and "–" in text  # missing values shown as a dash
     assert collapse_alarm({"collapsed_classes": []}) == ""
     path = write_report(tmp_path, metrics)
@@ -204,3 +210,56 @@ def test_save_prediction_format(tmp_path):
     rec = np.load(tmp_path / "x.npy", allow_pickle=True).item()  # our own file, written just above
     assert rec["inst_map"].dtype == np.int32 and rec["scores"].dtype == np.float32 and set(rec) == {
         "inst_map", "type_map", "scores"}
+
+
+# ----------------------------------------------------------------------------- tuning split and streaming
+def test_choose_tune_split_never_picks_the_evaluated_split(caplog):
+    from cellseg.tuning import choose_tune_split
+
+    assert choose_tune_split("test", ["train", "val", "test"]) == ("val", "post-processing tuned on 'val'")
+    split, note = choose_tune_split("val", ["train", "val", "test"])
+    assert split == "train" and "instead of 'val'" in note and "evaluated split" in caplog.text
+    assert choose_tune_split("val", ["val", "test"])[0] == "test"
+    with pytest.raises(ValueError, match="no other split"):
+        choose_tune_split("test", ["test"])
+
+
+def test_tuning_streams_maps_from_disk_and_matches_in_memory(cache, tmp_path, monkeypatch):
+    """The grid search reads memory-mapped maps one image at a time (no list of arrays), gives the in-memory
+    result, and leaves no cache folder behind."""
+    import cellseg.tuning as tuning
+    from cellseg.data import load_sample
+    from cellseg.inference import predict_image
+    from cellseg.postprocess import DEFAULT_GRID, tune_postprocess
+
+    seen = []
+    real = tuning.tune_postprocess
+
+    def spy(samples, *a, **k):
+        seen.append((type(samples), len(samples), [type(x) for x in samples[0]]))
+        return real(samples, *a, **k)
+
+    monkeypatch.setattr(tuning, "tune_postprocess", spy)
+    infer = {"tile_size": None, "overlap": 0.25, "tta": False, "amp": "none", "device": "cpu"}
+    out = tuning.tune_on_split(StandIn(), cache, "val", ["val_00", "val_01"], {"object_diameter": 10}, infer,
+                               False, tmp_path)
+    assert seen[0][:2] == (tuning.DiskMaps, 2)
+    assert seen[0][2] == [np.memmap] * 3  # fg_prob, hv, gt read back memory-mapped
+    assert list(tmp_path.iterdir()) == []  # the temporary cache is gone
+    in_memory = []
+    for name in ("val_00", "val_01"):
+        sample = load_sample(cache, "val", name)
+        maps = predict_image(StandIn(), sample["image"], device="cpu")
+        in_memory.append((maps["fg_prob"], maps["hv"], np.asarray(sample["inst_map"])))
+    best, table = tune_postprocess(in_memory, DEFAULT_GRID, base_params={"object_diameter": 10})
+    assert out["params"] == best and out["table"] == table
+
+
+def test_rerun_into_a_folder_removes_stale_predictions(cache, tmp_path):
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions" / "old_image.npy").write_bytes(b"stale")
+    (tmp_path / "postprocess.json").write_text("{}")
+    evaluate_model(StandIn(), cache, "test", tmp_path, class_names=CLASSES, pp_params={"object_diameter": 10},
+                   tune_split=None, max_images=1, progress=False)
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["test_00.npy"]
+    assert not (tmp_path / "postprocess.json").exists()

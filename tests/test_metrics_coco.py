@@ -186,3 +186,38 @@ def test_perfect_prediction_of_many_nuclei_scores_one(dsb2018_root):
                              [{"inst_map": mosaic, "type_map": (mosaic > 0).astype(np.int32)}], ["nucleus"])
     assert res["ap50"] == pytest.approx(1.0) and res["map"] == pytest.approx(1.0)
     assert average_precision([None]) is None
+
+
+def _summarize(precision: np.ndarray, t: int | None) -> float:
+    """COCOeval.summarize's mean over categories and recall thresholds of the valid (> -1) entries."""
+    s = precision if t is None else precision[t]
+    return float(np.mean(s[s > -1]))
+
+
+def test_ap_is_category_wise_and_equals_cocoeval_segm(dsb_images):
+    """ap50 / ap75 / map of evaluate_instances = pycocotools' category-wise segm evaluation (categories = instance
+    classes, class-aware scores; a category only predicted is left out), and the *_agnostic keys = one category
+    ranked by objectness."""
+    gts, preds, scores = dsb_images
+    rng = np.random.default_rng(2)
+    gt_cats = [rng.integers(1, 3, size=int(g.max()) + 1) for g in gts]  # classes 1, 2 in the GT
+    pred_cats = []
+    for p, gc in zip(preds, gt_cats):
+        pc = np.where(rng.random(int(p.max()) + 1) < 0.85, gc[: int(p.max()) + 1], rng.integers(1, 4, int(p.max()) + 1))
+        pred_cats.append(pc)  # class 3 only ever predicted
+    objectness = [np.round(rng.random(s.size), 1) for s in scores]
+    ref = cocoeval_precision(gts, preds, scores, gt_cats, pred_cats, n_cats=3)
+    assert (ref[:, :, 2] == -1).all() and (ref[:, :, :2] > -1).all()
+    ref_agnostic = cocoeval_precision(gts, preds, objectness)
+    g_dicts = [{"inst_map": g, "type_map": np.where(g > 0, gc[g], 0)} for g, gc in zip(gts, gt_cats)]
+    p_dicts = [{"inst_map": p, "type_map": np.where(p > 0, pc[p], 0), "scores": s, "objectness": o}
+               for p, pc, s, o in zip(preds, pred_cats, scores, objectness)]
+    res = evaluate_instances(g_dicts, p_dicts, ["a", "b", "c"])
+    assert res["ap50"] == pytest.approx(_summarize(ref, 0), abs=TOL)
+    assert res["ap75"] == pytest.approx(_summarize(ref, 5), abs=TOL)
+    assert res["map"] == pytest.approx(_summarize(ref, None), abs=TOL)
+    assert res["ap_categories"] == ["a", "b"] and res["per_class"]["c"]["ap50"] is None
+    assert res["ap50_agnostic"] == pytest.approx(_summarize(ref_agnostic, 0), abs=TOL)
+    assert res["map_agnostic"] == pytest.approx(_summarize(ref_agnostic, None), abs=TOL)
+    assert res["ap_agnostic_ranked_by"] == ["objectness"]
+    assert res["ap50"] < res["ap50_agnostic"]  # misclassified detections cost category-wise AP

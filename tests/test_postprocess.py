@@ -16,6 +16,7 @@ from cellseg.postprocess import (
     classify_instances,
     hv_slopes,
     hv_to_instances,
+    instance_objectness,
     instances_to_type_map,
     resolve_params,
     tune_postprocess,
@@ -184,6 +185,21 @@ def test_classify_edge_cases():
         classify_instances(inst, np.ones((1, 1, 4)), fg)
     with pytest.raises(ValueError, match="must share"):
         classify_instances(inst, np.ones((3, 1, 5)), fg)
+
+
+def test_instance_objectness_is_the_class_free_mean_foreground_probability():
+    rng = np.random.default_rng(3)
+    inst = disks((32, 32), [(8, 8), (20, 22)], [4, 6])
+    inst[inst == 1] = 3  # id 1 unused: objectness 0
+    fg = rng.random((32, 32)).astype(np.float32)
+    obj = instance_objectness(inst, fg)
+    assert obj.dtype == np.float32 and obj.shape == (3,)
+    assert obj[0] == 0.0
+    for k in (2, 3):
+        assert obj[k - 1] == pytest.approx(fg[inst == k].mean(), rel=1e-6)
+    assert instance_objectness(np.zeros((4, 4), np.int32), np.ones((4, 4))).shape == (0,)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        instance_objectness(inst, fg[:5])
 
 
 def test_instances_to_type_map():

@@ -298,7 +298,8 @@ def test_phase1_preempted_requeued_resumed_then_phase2_and_eval(slurm_cluster: S
     rec3 = cluster.wait_job(ev, timeout=JOB_TIMEOUT)
     assert (rec3["JobState"], rec3["ExitCode"]) == ("COMPLETED", "0:0"), job_log(rec3)
     assert_executed_cleanly(run / "jobs" / str(ev) / "02_evaluate.attempt0.ipynb")
-    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    metrics = json.loads((run / "eval" / "phase2-best-test" / "metrics.json").read_text())  # default EVAL_* values
+    assert (run / "eval" / "latest").read_text().strip() == "phase2-best-test"
     for key in ("pq", "dice", "det_f1"):
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]) and 0.0 <= metrics[key] <= 1.0
     assert "FINISHED" in (submit / f"eval-{ev}.out").read_text()

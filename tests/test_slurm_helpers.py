@@ -73,7 +73,9 @@ def test_run_info_locations(tmp_path):
     assert info.resume == "auto" and info.stop_at == ""
     ev = sh.run_info(["-p", "RUN_DIR", "/abs/r", "-p", "EVAL_PHASE", "1", "-p", "DATA_CACHE", "cache"], "02_evaluate",
                      root=tmp_path)
-    assert (ev.phase, ev.metrics_file, ev.data_cache) == (1, "/abs/r/eval/metrics.json", str(tmp_path / "cache"))
+    # one evaluation folder per (phase, checkpoint, split): the job waits for that folder's metrics.json
+    assert (ev.phase, ev.metrics_file, ev.data_cache) == (1, "/abs/r/eval/phase1-best-test/metrics.json",
+                                                          str(tmp_path / "cache"))
     # the shell form round-trips through bash quoting
     values = dict(line.split("=", 1) for line in info.shell().splitlines())
     assert shlex.split(values["CS_RUN_DIR"]) == [info.run_dir]

@@ -8,6 +8,7 @@ import math
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -301,3 +302,19 @@ def test_channels_last_trains_and_compile_wraps_only_the_forward(tmp_path):
     assert isinstance(c.net, torch._dynamo.eval_frame.OptimizedModule)
     assert c.net._orig_mod is c.model  # checkpoints are taken from the plain model: no '_orig_mod.' keys
     assert not any(k.startswith("_orig_mod") for k in c.model.state_dict())
+
+
+def test_validation_instances_carry_objectness_for_class_agnostic_ap():
+    """Validation ranks class-agnostic AP by objectness (mean foreground probability), as the evaluation does."""
+    from cellseg.branches import Branch
+    from cellseg.training.validation import outputs_to_instances
+
+    yy, xx = np.ogrid[:32, :32]
+    disk = torch.from_numpy(((yy - 16) ** 2 + (xx - 16) ** 2 <= 36).astype(np.float32))
+    out = {Branch.NP: torch.stack([2 - 4 * disk, 4 * disk - 2])[None], Branch.HV: torch.zeros(1, 2, 32, 32),
+           Branch.NC: torch.stack([-disk, disk, torch.zeros_like(disk)])[None]}
+    pred = outputs_to_instances(out, object_diameter=12)
+    assert pred["inst_map"].max() == 1
+    fg = torch.sigmoid(torch.tensor(4.0)).item()  # softmax of (-2, 2)
+    assert pred["objectness"].tolist() == pytest.approx([fg], rel=1e-5)
+    assert pred["scores"][0] < pred["objectness"][0]  # the class-aware confidence also weighs the class

@@ -95,14 +95,20 @@ def test_phase2_started_from_phase1(demo_run):
 
 
 def test_eval_metrics_and_report(demo_run):
-    metrics = json.loads((demo_run / "eval" / "metrics.json").read_text())
+    # 02_evaluate's defaults: Phase 2's best checkpoint on the test split, in its own folder
+    out = demo_run / "eval" / "phase2-best-test"
+    assert (demo_run / "eval" / "latest").read_text().strip() == out.name
+    metrics = json.loads((out / "metrics.json").read_text())
     for key in ("pq", "sq", "rq", "bpq", "mpq", "mpq_plus", "aji", "aji_plus", "dice", "det_precision", "det_recall",
-                "det_f1", "ap50", "map", "per_class"):
+                "det_f1", "ap50", "map", "ap50_agnostic", "per_class", "conventions", "checkpoint"):
         assert key in metrics, key
     assert 0.0 <= metrics["dice"] <= 1.0 and metrics["dice"] > 0.0  # computed from real predictions
     assert set(metrics["per_class"]) == {"RBC", "WBC", "Platelet"}
-    assert (demo_run / "eval" / "report.md").read_text().strip()
-    assert list((demo_run / "eval").glob("*.png"))
+    assert len(metrics["checkpoint"]["sha256"]) == 64 and metrics["checkpoint"]["phase"] == 2
+    assert (out / "report.md").read_text().strip()
+    assert list(out.glob("*.png")) and list((out / "predictions").glob("*.npy"))
+    index = [json.loads(x) for x in (demo_run / "eval" / "index.jsonl").read_text().splitlines()]
+    assert index[-1]["dir"] == out.name and index[-1]["checkpoint_sha256"] == metrics["checkpoint"]["sha256"]
 
 
 def test_rerun_of_a_finished_phase_resumes_instead_of_retraining(demo_run, tmp_path):

@@ -21,7 +21,12 @@ from torch import nn
 
 from cellseg.branches import Branch
 from cellseg.imageops import normalize_image
-from cellseg.postprocess import classify_instances, hv_to_instances, instances_to_type_map
+from cellseg.postprocess import (
+    classify_instances,
+    hv_to_instances,
+    instance_objectness,
+    instances_to_type_map,
+)
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +311,8 @@ def predict_instances(
 
     Returns:
         ``inst_map`` (H, W) int32 ids 1..N, ``type_map`` (H, W) int32, ``inst_types`` (N,) int32 classes 1..C,
-        ``scores`` (N,) float32 with ``scores[k - 1]`` the confidence of instance k, ``class_probs`` (N, C), and the
+        ``scores`` (N,) float32 with ``scores[k - 1]`` the class-aware confidence of instance k, ``objectness`` (N,)
+        float32 its mean foreground probability (ranks class-agnostic AP), ``class_probs`` (N, C), and the
         maps ``fg_prob``, ``hv``, ``nc_prob``.
     """
     maps = predict_image(
@@ -320,6 +326,7 @@ def predict_instances(
         "type_map": instances_to_type_map(inst_map, types),
         "inst_types": types,
         "scores": scores,
+        "objectness": instance_objectness(inst_map, maps["fg_prob"]),
         "class_probs": probs,
         **maps,
     }

@@ -82,22 +82,3 @@ def load_checkpoint_model(path: str | Path, cfg: Config, *, num_classes: int, de
     model.checkpoint_file = str(path)  # inference names it in its errors (NaN outputs)
     return model.to(device).eval()
 
-
-def checkpoint_info(path: str | Path) -> dict:
-    """What the evaluation report names: the checkpoint file, its SHA-256, phase, finished epochs (``epochs_done``) and
-    optimizer steps (from its sidecar; without one, hashed and read from the payload)."""
-    from cellseg.checkpoint import read_sidecar
-    from cellseg.checkpoint.identity import sha256_cached
-    from cellseg.checkpoint.sidecar import CorruptCheckpoint
-
-    path = Path(path)
-    try:
-        side = read_sidecar(path)
-        return {"file": str(path.resolve()), "sha256": side.get("sha256"), "phase": side.get("phase"),
-                "epochs_done": side.get("epoch"), "step": side.get("step")}
-    except CorruptCheckpoint:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        progress = payload.get("progress") or {} if isinstance(payload, dict) else {}
-        return {"file": str(path.resolve()), "sha256": sha256_cached(path),
-                "phase": payload.get("phase") if isinstance(payload, dict) else None,
-                "epochs_done": progress.get("epoch"), "step": progress.get("step")}

@@ -217,6 +217,27 @@ def classify_instances(
     return types, conf.astype(np.float32), probs.astype(np.float32)
 
 
+def instance_objectness(inst_map: np.ndarray, fg_prob: np.ndarray) -> np.ndarray:
+    """Objectness of every instance: its mean foreground probability, independent of the class (ranks the
+    class-agnostic AP, while :func:`classify_instances`' confidence ranks the per-class AP). An id that does not
+    occur gets 0.
+
+    Shape: (H, W) ids 1..N, (H, W) -> (N,) float32.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if fg_prob.shape != inst_map.shape:
+        raise ValueError(f"inst_map {inst_map.shape} and fg_prob {fg_prob.shape} must have the same shape")
+    n = int(inst_map.max()) if inst_map.size else 0
+    if n == 0:
+        return np.zeros(0, np.float32)
+    ids = inst_map.ravel().astype(np.int64)
+    area = np.bincount(ids, minlength=n + 1)[1:].astype(np.float64)
+    total = np.bincount(ids, weights=fg_prob.ravel().astype(np.float64), minlength=n + 1)[1:]
+    return np.where(area > 0, total / np.maximum(area, 1.0), 0.0).astype(np.float32)
+
+
 def instances_to_type_map(inst_map: np.ndarray, inst_types: np.ndarray) -> np.ndarray:
     """Paint each instance k with ``inst_types[k - 1]``. Shape: (H, W), (N,) -> (H, W) int32.
 
@@ -247,6 +268,8 @@ def tune_postprocess(
     Args:
         samples: ``(fg_prob (H, W), hv (2, H, W), gt_inst (H, W))`` per image, optionally with a fourth element,
             the ``ignore_mask`` (H, W) bool: predictions lying mostly inside it are dropped, as in the metrics.
+            Any sequence: items are read once per parameter setting and not kept, so a lazy sequence such as
+            :class:`cellseg.tuning.DiskMaps` keeps memory at one image's maps.
         grid: parameter name -> candidate values (default :data:`DEFAULT_GRID`); the full product is searched.
         base_params: fixed values for the parameters not in the grid (e.g. ``object_diameter``).
 

@@ -15,7 +15,14 @@ import numpy as np
 from matplotlib.figure import Figure
 from skimage.segmentation import find_boundaries
 
-from cellseg.metrics import drop_ignored, match_iou, pair_table, relabel_sequential
+from cellseg.metrics import (
+    CLASS_AGNOSTIC_KEYS,
+    CLASS_AWARE_KEYS,
+    drop_ignored,
+    match_iou,
+    pair_table,
+    relabel_sequential,
+)
 from cellseg.metrics.boxes import box_markdown
 
 log = logging.getLogger(__name__)
@@ -263,7 +270,8 @@ def report_markdown(
     figures: dict[str, str] | None = None,
     tuning: dict | None = None,
 ) -> str:
-    """The report's markdown: alarm, summary, detection, AP, per-class and confusion tables, figures."""
+    """The report's markdown: alarm, class-agnostic and class-aware tables (each number beside its convention),
+    per tissue, per class, confusion, post-processing, figures."""
     figures = figures or {}
     parts = [f"# {title}", ""]
     alarm = collapse_alarm(metrics)
@@ -271,41 +279,49 @@ def report_markdown(
         parts += [alarm, ""]
     if context:
         parts += [_table(["setting", "value"], [[k, v] for k, v in context.items()]), ""]
+    conv = metrics.get("conventions") or {}
     vs = f", {metrics['mask_ground_truth']}" if metrics.get("mask_ground_truth") else ""
     if metrics.get("mask_ground_truth"):  # BCCD: the masks are derived from boxes, the boxes are the ground truth
         parts += [f"> Every mask score below is **{metrics['mask_ground_truth']}**; box scores are vs the "
                   "annotated boxes (last section).", ""]
+
+    def convention_rows(keys: Sequence[str]) -> list[list]:
+        return [[f"`{k}`", metrics.get(k), conv.get(k, "")] for k in keys if k in metrics]
+
     parts += [
-        f"## Segmentation (class-agnostic, mean over images{vs})",
+        f"{metrics.get('n_images')} images. Each number's convention is stated beside it (also in `metrics.json` "
+        "under `conventions`).",
         "",
-        _table(
-            ["PQ", "SQ", "RQ", "bPQ", "mPQ", "mPQ+", "AJI", "AJI+", "Dice", "images"],
-            [[metrics.get(k) for k in ("pq", "sq", "rq", "bpq", "mpq", "mpq_plus", "aji", "aji_plus", "dice")]
-             + [metrics.get("n_images")]],
-        ),
+        f"## Class-agnostic{vs}",
         "",
-        "## Detection (counts summed over the dataset)",
+        _table(["metric", "value", "convention"], convention_rows(CLASS_AGNOSTIC_KEYS)),
         "",
-        _table(
-            ["matching", "precision", "recall", "F1"],
-            [
-                ["IoU > 0.5", metrics.get("det_precision"), metrics.get("det_recall"), metrics.get("det_f1")],
-                [f"centroid within {_fmt(metrics.get('match_radius'), 1)} px", metrics.get("det_centroid_precision"),
-                 metrics.get("det_centroid_recall"), metrics.get("det_centroid_f1")],
-            ],
-        ),
+        f"TP {metrics.get('det_tp')}, FP {metrics.get('det_fp')}, FN {metrics.get('det_fn')} (IoU > 0.5); centroid "
+        f"radius {_fmt(metrics.get('match_radius'), 1)} px; class-agnostic AP ranked by "
+        f"{', '.join(metrics.get('ap_agnostic_ranked_by') or ['-'])}.",
         "",
-        f"TP {metrics.get('det_tp')}, FP {metrics.get('det_fp')}, FN {metrics.get('det_fn')} (IoU > 0.5).",
+        f"## Class-aware{vs}",
         "",
-        f"## COCO mask AP (instance confidences, no per-image detection limit{vs})",
+        _table(["metric", "value", "convention"], convention_rows(CLASS_AWARE_KEYS)),
         "",
-        _table(["AP@0.5", "AP@0.75", "mAP@[.5:.95]"], [[metrics.get("ap50"), metrics.get("ap75"), metrics.get("map")]]),
+        f"AP categories with ground truth: {', '.join(metrics.get('ap_categories') or []) or 'none'}.",
         "",
+    ]
+    if metrics.get("per_tissue"):
+        parts += [
+            f"### Per tissue ({conv.get('per_tissue', '')})",
+            "",
+            _table(["tissue", "images", "bPQ", "mPQ"],
+                   [[t, v["n_images"], v["bpq"], v["mpq"]] for t, v in metrics["per_tissue"].items()]),
+            "",
+        ]
+    parts += [
         "## Per class",
         "",
         "Pixel IoU/Dice from pixel counts over the dataset; PQ/SQ/RQ from TP/FP/FN/IoU sums over the dataset (as "
-        "mPQ+); F1 from centroid matching (a misclassified match counts as FP and FN); pixel fraction = share of "
-        "predicted foreground pixels given the class.",
+        "mPQ+); F1 from centroid matching (a misclassified match counts as FP and FN); AP50/mAP: COCO mask AP of the "
+        "category, ranked by class-aware confidence; pixel fraction = share of predicted foreground pixels given "
+        "the class.",
         "",
     ]
     rows = []

@@ -39,11 +39,19 @@ def training_summary(summary: dict, cfg) -> str:
 
 
 def metrics_table(metrics: dict) -> str:
-    """Headline metrics, then per-class rows."""
-    keys = ["pq", "sq", "rq", "bpq", "mpq", "mpq_plus", "aji", "aji_plus", "dice", "det_precision", "det_recall",
-            "det_f1", "ap50", "map"]
-    head = _table([[k, float(metrics[k])] for k in keys if k in metrics], ["metric", "value"])
+    """Class-agnostic and class-aware headline metrics with their conventions, then per-class rows."""
+    from cellseg.metrics import CLASS_AGNOSTIC_KEYS, CLASS_AWARE_KEYS
+
+    conv = metrics.get("conventions") or {}
+
+    def value(v):
+        return "-" if v is None else float(v)
+
+    head = "\n\n".join(
+        _table([[k, value(metrics[k]), conv.get(k, "")] for k in keys if k in metrics], [title, "value", "convention"])
+        for title, keys in (("class-agnostic", CLASS_AGNOSTIC_KEYS), ("class-aware", CLASS_AWARE_KEYS))
+    )
     per = metrics.get("per_class", {})
-    cols = ["iou", "dice", "pq", "sq", "rq", "f1"]
-    rows = [[c] + [float(v.get(k, float("nan"))) for k in cols] for c, v in per.items()]
+    cols = ["iou", "dice", "pq", "sq", "rq", "f1", "ap50"]
+    rows = [[c] + [value(v.get(k)) for k in cols] for c, v in per.items()]
     return head + "\n\n" + _table(rows, ["class"] + cols) if rows else head

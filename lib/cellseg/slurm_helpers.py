@@ -182,11 +182,13 @@ def run_info(argv: list[str], notebook: str, root: str | Path = ".") -> RunInfo:
     def absolute(p: str | Path) -> str:
         return str(p if Path(p).is_absolute() else root / p)
 
+    from cellseg.eval_index import eval_dir
+
     phase = cfg.EVAL_PHASE if notebook == "02_evaluate" else cfg.PHASE
     return RunInfo(notebook=notebook, run_dir=absolute(cfg.run_dir), checkpoint_dir=absolute(cfg.checkpoint_root),
                    data_cache=absolute(cfg.data_cache), phase=phase,
                    status_file=absolute(cfg.phase_dir(phase) / "status.json"), resume=cfg.RESUME, stop_at=cfg.STOP_AT,
-                   metrics_file=absolute(cfg.run_dir / "eval" / "metrics.json"))
+                   metrics_file=absolute(eval_dir(cfg) / "metrics.json"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

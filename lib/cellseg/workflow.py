@@ -97,8 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n[cellseg] done in {time.perf_counter() - t0:.0f} s ({steps})")
     print(f"[cellseg] executed notebooks: {run_dir / 'notebooks'}")
     print(f"[cellseg] checkpoints:        {run_dir / 'checkpoints'}")
-    print(f"[cellseg] metrics:            {run_dir / 'eval' / 'metrics.json'}")
-    print(f"[cellseg] report:             {run_dir / 'eval' / 'report.md'}")
+    # 02_evaluate writes RUN_DIR/eval/phase<P>-<checkpoint>-<split>/; eval/latest names the newest folder.
+    from cellseg.eval_index import latest_eval_dir
+
+    latest = latest_eval_dir(run_dir)
+    print(f"[cellseg] metrics:            {latest / 'metrics.json'}")
+    print(f"[cellseg] report:             {latest / 'report.md'}")
+    print(f"[cellseg] all evaluations:    {run_dir / 'eval' / 'index.jsonl'} (cellseg runs summarize {run_dir})")
     return 0
 
 

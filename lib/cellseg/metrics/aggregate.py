@@ -1,19 +1,22 @@
 """Dataset evaluation of instance segmentation and classification: per-image statistics, then reductions.
 
-Conventions (the keys of :func:`evaluate_instances`):
+The convention of every key is stated in :data:`cellseg.metrics.conventions` and travels with the numbers
+(``metrics["conventions"]``). In short:
 
 * ``pq, sq, rq``: class-agnostic panoptic quality (IoU > 0.5), mean over images; an image with neither ground truth
   nor prediction is left out of every mean over images.
-* ``bpq``: the same per-image PQ averaged within each tissue, then over tissues (PanNuke); ``= pq`` without tissues.
-* ``mpq``: per image, PQ of each class present in the ground truth *or* the prediction, averaged over those classes;
-  then averaged over images (or tissues). PanNuke's official script skips classes absent from the ground truth,
-  which lets false positives of an absent class go unpunished; we count them (PQ 0).
+* ``bpq`` and ``mpq``: PanNuke's official rules (:mod:`cellseg.metrics.pannuke`): per image, bPQ is NaN when the
+  ground truth is empty and each class's PQ is NaN when the class is absent from the image's ground truth; NaNs
+  are left out; with tissue labels the means are per tissue and then over tissues (``per_tissue`` holds the
+  tissue values), else over images. ``bpq_incl_empty_gt`` and ``mpq_gt_or_pred`` are the stricter variants.
 * ``mpq_plus``: CoNIC's multi-class PQ+: TP, FP, FN and IoU sums per class over the whole dataset, PQ per class,
   mean over the classes that occur (in ground truth or prediction) at all.
 * ``aji, aji_plus, dice`` (binary foreground Dice): means over images.
 * ``det_precision, det_recall, det_f1``: IoU > 0.5 matching, TP/FP/FN summed over the dataset;
   ``det_centroid_*``: centroid matching within ``match_radius`` pixels, summed likewise.
-* ``ap50, ap75, map``: class-agnostic COCO mask AP (:mod:`cellseg.metrics.coco`) from the instance scores.
+* ``ap50, ap75, map``: COCO mask AP per category (the instance's class), ranked by the class-aware ``scores``,
+  averaged over the categories present in the ground truth (:mod:`cellseg.metrics.coco`);
+  ``ap50_agnostic, ap75_agnostic, map_agnostic``: one category, ranked by ``objectness``.
 * ``per_class[name]``: pixel ``iou``/``dice`` (dataset pixel sums), ``pq``/``sq``/``rq`` (dataset sums, as
   ``mpq_plus``), ``f1`` (centroid matching, misclassified matches count as FP and FN), ``ap50``/``map``,
   ``n_gt``/``n_pred`` instances, and ``pred_pixel_fraction``: the share of predicted foreground pixels given this
@@ -22,7 +25,9 @@ Conventions (the keys of :func:`evaluate_instances`):
 * Undefined values (e.g. AP without any ground truth) are ``None`` (JSON ``null``), never NaN.
 
 The instance class is the majority vote of ``type_map`` inside the instance (ties to the smaller id). Predicted
-``scores`` hold one confidence per instance id: ``scores[k - 1]`` for id ``k``, length = the largest id.
+``scores`` hold one class-aware confidence per instance id: ``scores[k - 1]`` for id ``k``, length = the largest
+id; the optional ``objectness`` (same layout, e.g. the mean foreground probability) ranks the class-agnostic AP,
+which falls back to ``scores`` without it (``metrics["ap_agnostic_ranked_by"]`` says which was used).
 """
 
 from __future__ import annotations
@@ -35,9 +40,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from cellseg.metrics.aji import aji_plus_totals, aji_totals, ratio
-from cellseg.metrics.coco import ImageDetections, average_precision, image_detections
+from cellseg.metrics.coco import ImageDetections, average_precision, category_average, image_detections
+from cellseg.metrics.conventions import conventions
 from cellseg.metrics.detection import class_detection_counts, f1_from_counts, match_centroids
 from cellseg.metrics.pairwise import drop_ignored, pair_table
+from cellseg.metrics.pannuke import (
+    average_over_images,
+    image_bpq,
+    image_bpq_incl_empty_gt,
+    image_mpq,
+    image_mpq_gt_or_pred,
+    nanmean,
+    tissue_means,
+)
 from cellseg.metrics.panoptic import PanopticCounts, match_iou, panoptic_counts
 from cellseg.metrics.semantic import confusion_counts, foreground_dice_counts, iou_dice_per_class
 
@@ -57,8 +72,9 @@ class ImageStats:
     centroid: np.ndarray  # (C+1, 3) per-class TP/FP/FN of centroid matching
     centroid_agnostic: tuple[int, int, int]
     match_confusion: np.ndarray  # (C+1, C+1) classes of IoU > 0.5 matches
-    coco: ImageDetections | None
-    coco_class: list[ImageDetections | None]  # classes 1..C
+    coco: ImageDetections | None  # class-agnostic, ranked by objectness (or scores)
+    coco_class: list[ImageDetections | None]  # classes 1..C, ranked by the class-aware scores
+    agnostic_ranking: str = "scores"  # what ranked ``coco``: objectness | scores | constant
 
 
 def _label(name: str | None, index: int) -> str:
@@ -85,18 +101,18 @@ def _check_pair(gt: dict, pred: dict, where: str) -> None:
         raise ValueError(f"{where}: ignore_mask has shape {np.asarray(gt['ignore_mask']).shape}, expected {shape}")
 
 
-def _scores(pred: dict, n_ids: int, where: str) -> np.ndarray:
-    """Scores indexed by id - 1 (length = largest id), defaulting to 1.0."""
-    if pred.get("scores") is None:
-        return np.ones(n_ids)
-    scores = np.asarray(pred["scores"], dtype=np.float64)
+def _scores(pred: dict, n_ids: int, where: str, key: str = "scores") -> np.ndarray | None:
+    """``pred[key]`` indexed by id - 1 (length = largest id), checked; None when absent."""
+    if pred.get(key) is None:
+        return None
+    scores = np.asarray(pred[key], dtype=np.float64)
     if scores.ndim != 1 or scores.shape[0] != n_ids:
         raise ValueError(
-            f"{where}: 'scores' must be 1-D with one confidence per instance id (scores[k - 1] for id k), i.e. "
+            f"{where}: {key!r} must be 1-D with one value per instance id ({key}[k - 1] for id k), i.e. "
             f"length {n_ids} = the largest id in inst_map; got shape {scores.shape}"
         )
     if not np.all(np.isfinite(scores)):
-        raise ValueError(f"{where}: 'scores' holds NaN or infinite values")
+        raise ValueError(f"{where}: {key!r} holds NaN or infinite values")
     return scores
 
 
@@ -117,6 +133,13 @@ def image_stats(
         raise ValueError(f"{where}: instance ids must be >= 0 (0 = background)")
     n_ids = int(pred_inst.max()) if pred_inst.size else 0
     scores_by_id = _scores(pred, n_ids, where)
+    objectness_by_id = _scores(pred, n_ids, where, "objectness")
+    # Class-agnostic AP ranks by objectness; class-aware AP by the class-aware confidence (COCO's per category).
+    ranking = "objectness" if objectness_by_id is not None else "scores" if scores_by_id is not None else "constant"
+    if scores_by_id is None:
+        scores_by_id = np.ones(n_ids)
+    if objectness_by_id is None:
+        objectness_by_id = scores_by_id
     ignore = gt.get("ignore_mask")
     valid = None
     if ignore is not None:
@@ -140,6 +163,7 @@ def image_stats(
     match_conf = np.bincount(table.gt_classes[gi] * k + table.pred_classes[pi], minlength=k * k).reshape(k, k)
     cg, cp = match_centroids(table.gt_centroids, table.pred_centroids, match_radius)
     pred_scores = scores_by_id[table.pred_ids - 1] if table.n_pred else np.zeros(0)
+    pred_objectness = objectness_by_id[table.pred_ids - 1] if table.n_pred else np.zeros(0)
     return ImageStats(
         panoptic=agnostic,
         panoptic_class=per_class,
@@ -150,32 +174,18 @@ def image_stats(
         centroid=class_detection_counts(table.gt_classes, table.pred_classes, cg, cp, n_classes),
         centroid_agnostic=(int(cg.size), table.n_pred - int(cg.size), table.n_gt - int(cg.size)),
         match_confusion=match_conf.astype(np.int64),
-        coco=image_detections(table, pred_scores),
+        coco=image_detections(table, pred_objectness),
         coco_class=[
             image_detections(table, pred_scores, table.gt_classes == c, table.pred_classes == c)
             for c in range(1, k)
         ],
+        agnostic_ranking=ranking,
     )
 
 
 def _finite(x) -> float | None:
     x = float(x)
     return None if math.isnan(x) or math.isinf(x) else x
-
-
-def _mean(values: np.ndarray) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    values = values[~np.isnan(values)]
-    return float(values.mean()) if values.size else float("nan")
-
-
-def average_over_images(values: Sequence[float], tissues: Sequence[str] | None = None) -> float:
-    """Mean over images (NaN entries left out); with tissue labels, mean within each tissue, then over tissues."""
-    values = np.asarray(values, dtype=np.float64)
-    if tissues is None:
-        return _mean(values)
-    labels = np.asarray(tissues)
-    return _mean(np.array([_mean(values[labels == t]) for t in dict.fromkeys(tissues)]))
 
 
 def reduce_stats(
@@ -185,12 +195,16 @@ def reduce_stats(
     *,
     match_radius: float = 12.0,
 ) -> dict:
-    """Dataset metrics from per-image statistics (see the module docstring for the conventions)."""
+    """Dataset metrics from per-image statistics (see the module docstring for the conventions).
+
+    Raises:
+        ValueError: ``tissues`` with a label count other than the number of images.
+    """
     n_classes = len(class_names)
+    if tissues is not None and len(tissues) != len(stats):
+        raise ValueError(f"tissues has {len(tissues)} labels for {len(stats)} images; give one per image or None")
     pq_img = np.array([[float(v) for v in s.panoptic.quality().values()] for s in stats]).reshape(-1, 3)
-    # Per image: PQ of each class that occurs in GT or prediction (NaN otherwise), averaged over those classes.
-    per_img_class_pq = np.array([s.panoptic_class.quality()["pq"][1:] for s in stats]).reshape(-1, n_classes)
-    mpq_img = np.array([_mean(row) for row in per_img_class_pq])
+    pannuke = pannuke_image_scores(stats)
     total_class = PanopticCounts(*(np.zeros(n_classes + 1) for _ in range(4)))
     for s in stats:
         total_class = total_class + s.panoptic_class
@@ -207,12 +221,14 @@ def reduce_stats(
     _, _, class_f1 = f1_from_counts(centroid[:, 0], centroid[:, 1], centroid[:, 2])
     match_conf = sum((s.match_confusion for s in stats), np.zeros((n_classes + 1,) * 2, np.int64))
     coco = average_precision([s.coco for s in stats])
+    ap_class = [average_precision([s.coco_class[c] for s in stats]) for c in range(n_classes)]
+    coco_class = category_average(ap_class)
     pred_pixels = semantic[:, 1:].sum()
     n_gt_c = (total_class.tp + total_class.fn).astype(np.int64)
     n_pred_c = (total_class.tp + total_class.fp).astype(np.int64)
     per_class = {}
     for c, name in enumerate(class_names, start=1):
-        ap_c = average_precision([s.coco_class[c - 1] for s in stats])
+        ap_c = ap_class[c - 1]
         per_class[name] = {
             "iou": _finite(sem_iou[c - 1]),
             "dice": _finite(sem_dice[c - 1]),
@@ -230,17 +246,29 @@ def reduce_stats(
     if collapsed:
         log.warning("class collapse: %s present in the ground truth but never predicted", collapsed)
     unclassified = int(match_conf[0, :].sum() + match_conf[:, 0].sum() - match_conf[0, 0])
+    n_tissues = len(set(tissues)) if tissues is not None else None
+    per_tissue = None
+    if tissues is not None:
+        bpq_t = tissue_means(pannuke["bpq"], tissues)
+        mpq_t = tissue_means(pannuke["mpq"], tissues)
+        labels = list(tissues)
+        per_tissue = {t: {"bpq": _finite(bpq_t[t]), "mpq": _finite(mpq_t[t]), "n_images": labels.count(t)}
+                      for t in bpq_t}
     return {
         "n_images": len(stats),
-        "pq": _finite(_mean(pq_img[:, 0])),
-        "sq": _finite(_mean(pq_img[:, 1])),
-        "rq": _finite(_mean(pq_img[:, 2])),
-        "bpq": _finite(average_over_images(pq_img[:, 0], tissues)),
-        "mpq": _finite(average_over_images(mpq_img, tissues)),
-        "mpq_plus": _finite(_mean(class_quality["pq"][1:])),
-        "aji": _finite(_mean(np.array([ratio(*s.aji) for s in stats]))),
-        "aji_plus": _finite(_mean(np.array([ratio(*s.aji_plus) for s in stats]))),
-        "dice": _finite(_mean(np.array([ratio(*s.dice) for s in stats]))),
+        "pq": _finite(nanmean(pq_img[:, 0])),
+        "sq": _finite(nanmean(pq_img[:, 1])),
+        "rq": _finite(nanmean(pq_img[:, 2])),
+        "bpq": _finite(average_over_images(pannuke["bpq"], tissues)),
+        "mpq": _finite(average_over_images(pannuke["mpq"], tissues)),
+        "bpq_incl_empty_gt": _finite(average_over_images(pannuke["bpq_incl_empty_gt"], tissues)),
+        "mpq_gt_or_pred": _finite(average_over_images(pannuke["mpq_gt_or_pred"], tissues)),
+        "n_tissues": n_tissues,
+        "per_tissue": per_tissue,
+        "mpq_plus": _finite(nanmean(class_quality["pq"][1:])),
+        "aji": _finite(nanmean(np.array([ratio(*s.aji) for s in stats]))),
+        "aji_plus": _finite(nanmean(np.array([ratio(*s.aji_plus) for s in stats]))),
+        "dice": _finite(nanmean(np.array([ratio(*s.dice) for s in stats]))),
         "det_precision": _finite(det_p),
         "det_recall": _finite(det_r),
         "det_f1": _finite(det_f1),
@@ -251,11 +279,16 @@ def reduce_stats(
         "det_centroid_recall": _finite(cen_r),
         "det_centroid_f1": _finite(cen_f1),
         "match_radius": float(match_radius),
-        "ap50": None if coco is None else coco["ap50"],
-        "ap75": None if coco is None else coco["ap75"],
-        "map": None if coco is None else coco["map"],
-        "miou": _finite(_mean(sem_iou)),
-        "mdice": _finite(_mean(sem_dice)),
+        "ap50": None if coco_class is None else coco_class["ap50"],
+        "ap75": None if coco_class is None else coco_class["ap75"],
+        "map": None if coco_class is None else coco_class["map"],
+        "ap_categories": [name for name, ap in zip(class_names, ap_class) if ap is not None],
+        "ap50_agnostic": None if coco is None else coco["ap50"],
+        "ap75_agnostic": None if coco is None else coco["ap75"],
+        "map_agnostic": None if coco is None else coco["map"],
+        "ap_agnostic_ranked_by": sorted({s.agnostic_ranking for s in stats if s.coco is not None}),
+        "miou": _finite(nanmean(sem_iou)),
+        "mdice": _finite(nanmean(sem_dice)),
         "per_class": per_class,
         "confusion": {
             "labels": list(class_names),
@@ -264,6 +297,18 @@ def reduce_stats(
         },
         "collapsed_classes": collapsed,
         "class_names": list(class_names),
+        "conventions": conventions(n_tissues),
+    }
+
+
+def pannuke_image_scores(stats: Sequence[ImageStats]) -> dict[str, np.ndarray]:
+    """Per-image values (NaN = left out) of PanNuke's ``bpq`` and ``mpq`` and of the stricter variants
+    ``bpq_incl_empty_gt`` and ``mpq_gt_or_pred`` (:mod:`cellseg.metrics.pannuke`). Shape: -> (N,) each."""
+    return {
+        "bpq": np.array([image_bpq(s.panoptic) for s in stats], np.float64),
+        "mpq": np.array([image_mpq(s.panoptic_class) for s in stats], np.float64),
+        "bpq_incl_empty_gt": np.array([image_bpq_incl_empty_gt(s.panoptic) for s in stats], np.float64),
+        "mpq_gt_or_pred": np.array([image_mpq_gt_or_pred(s.panoptic_class) for s in stats], np.float64),
     }
 
 

@@ -140,3 +140,12 @@ def average_precision(images: list[ImageDetections | None]) -> dict[str, float] 
     precision, _ = curve
     ap = precision.mean(axis=1)
     return {"ap50": float(ap[0]), "ap75": float(ap[5]), "map": float(ap.mean())}
+
+
+def category_average(per_category: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """COCO's mAP over categories: the mean of each AP over the categories with ground truth (those given as None
+    have none, as pycocotools' ``-1`` entries, and are left out); None when no category has ground truth."""
+    used = [ap for ap in per_category if ap is not None]
+    if not used:
+        return None
+    return {k: float(np.mean([ap[k] for ap in used])) for k in ("ap50", "ap75", "map")}

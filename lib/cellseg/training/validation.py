@@ -20,7 +20,12 @@ def outputs_to_instances(out: dict[str, torch.Tensor], *, object_diameter: float
 
     Shape: out[np] (1, 2, H, W), out[hv] (1, 2, H, W), out[nc] (1, C+1, H, W).
     """
-    from cellseg.postprocess import classify_instances, hv_to_instances, instances_to_type_map
+    from cellseg.postprocess import (
+        classify_instances,
+        hv_to_instances,
+        instance_objectness,
+        instances_to_type_map,
+    )
 
     fg = out[Branch.NP].float().softmax(1)[0, 1].cpu().numpy()
     hv = out[Branch.HV].float()[0].cpu().numpy()
@@ -28,7 +33,7 @@ def outputs_to_instances(out: dict[str, torch.Tensor], *, object_diameter: float
     inst = hv_to_instances(fg, hv, object_diameter=object_diameter)
     types, scores, _ = classify_instances(inst, nc, fg)
     return {"inst_map": inst, "type_map": instances_to_type_map(inst, types), "scores": scores,
-            "pixel_types": nc.argmax(0) * (fg > 0.5)}
+            "objectness": instance_objectness(inst, fg), "pixel_types": nc.argmax(0) * (fg > 0.5)}
 
 
 @torch.no_grad()
@@ -61,7 +66,7 @@ def run_validation(model, dataset, loss_fn, *, class_names: list[str], device, r
     fail_together(error, where="in validation")
     gathered = sorted((x for part in all_gather_objects(items) for x in part), key=lambda t: t[0])
     gts = [g for _, g, _, _ in gathered]
-    preds = [{k: p[k] for k in ("inst_map", "type_map", "scores")} for _, _, p, _ in gathered]
+    preds = [{k: p[k] for k in ("inst_map", "type_map", "scores", "objectness")} for _, _, p, _ in gathered]
     # the evaluation's centroid radius (0.6 x OBJECT_DIAMETER), not a fixed 12 px
     metrics = evaluate_instances(gts, preds, class_names, match_radius=centroid_radius(object_diameter))
     val: dict = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
