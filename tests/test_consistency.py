@@ -55,7 +55,7 @@ def test_data_checks_metrics_and_postprocessing_vote_classes_alike() -> None:
 # ----------------------------------------------------------------------------- one centroid radius
 def test_validation_and_evaluation_share_the_centroid_radius(tmp_path: Path, capsys) -> None:
     from cellseg.data import CellDataset
-    from cellseg.evaluation import RADIUS_PER_DIAMETER
+    from cellseg.metrics.detection import RADIUS_PER_DIAMETER
     from cellseg.training.validation import run_validation
 
     assert centroid_radius(20.0) == pytest.approx(12.0) and RADIUS_PER_DIAMETER == 0.6
