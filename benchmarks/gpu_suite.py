@@ -128,7 +128,7 @@ GPU_PRESET = Preset(encoder="uni", width=64, image_size=256, batch_size=8, steps
                     compile_backend="inductor")
 # The dry run keeps every code path (capped runs included: suggest_batch, the cap arithmetic, the OOM handling) but
 # the CPU has no allocator cap, and compile uses the aot_eager backend (no C++ toolchain needed, seconds not minutes).
-DRY_PRESET = Preset(encoder="test_vit", width=16, image_size=64, batch_size=2, steps=1, warmup=1, precision="fp32",
+DRY_PRESET = Preset(encoder="test_vit", width=16, image_size=64, batch_size=2, steps=1, warmup=0, precision="fp32",
                     batch_limit=4, infer_image=128, infer_tile=64, infer_batch=4, data_steps=3, data_workers=(0, 2),
                     memory_sizes=(64,), caps_gb=(12,), matmul_n=512, compile_backend="aot_eager")
 
@@ -199,6 +199,7 @@ class Suite:
             if flag in kw:
                 argv.append(("--" if kw.pop(flag) else "--no-") + flag.replace("_", "-"))
         args = tp.parse_args(argv)
+        args.cpu_peak = False  # the memory rows measure the CPU allocator's peak; the speed rows need not repeat it
         for k, v in kw.items():
             setattr(args, k, v)
         return args
@@ -242,7 +243,8 @@ class Suite:
         b, best, tried = self.p.batch_size, None, []
         while b <= self.p.batch_limit:
             try:
-                row = self.train_row(phase=phase, batch_size=b, steps=max(2, self.p.steps // 2), warmup=1)
+                row = self.train_row(phase=phase, batch_size=b, steps=max(1, self.p.steps // 2),
+                                     warmup=min(1, self.p.warmup))
                 best = row
                 tried.append(f"b{b}: fits")
             except torch.OutOfMemoryError:

@@ -218,7 +218,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
     saved = measure_step_saved(model, loss_fn, batch, precision=precision)["total"]
-    if device.type == "cpu":  # the CPU allocator's peak over one more step (torch.profiler)
+    if device.type == "cpu" and getattr(args, "cpu_peak", True):  # the CPU allocator's peak (torch.profiler)
         measured_peak = measure_step_peak(net, loss_fn, batch, optimizer, precision=precision,
                                           clip=cfg.GRAD_CLIP)["peak"]
     predicted = None

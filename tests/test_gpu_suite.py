@@ -36,7 +36,7 @@ def _run(*args: str, out: Path, timeout: int = 600) -> subprocess.CompletedProce
 
 def test_dry_run_measures_everything_the_gpu_run_does(tmp_path, suite_module):
     # a budget far above the dry run's cost, so that every measurement runs on a slow or busy CI machine too
-    proc = _run("--dry-run", "--budget-s", "900", out=tmp_path)
+    proc = _run("--dry-run", "--budget-s", "900", out=tmp_path, timeout=960)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert results["dry_run"] is True and results["environment"]["device"] == "cpu"
