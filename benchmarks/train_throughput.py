@@ -165,7 +165,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     model.train()
     precision = resolve_precision(cfg.PRECISION, device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    net = torch.compile(model) if args.compile else model
+    net = torch.compile(model, backend=args.compile_backend) if args.compile else model
     params = [p for g in optimizer.param_groups for p in g["params"]]
     data = batches(args, cfg, device, num_classes)
     times: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "optimizer": []}
@@ -218,7 +218,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
     saved = measure_step_saved(model, loss_fn, batch, precision=precision)["total"]
-    if device.type == "cpu":  # the CPU allocator's peak over one more step (torch.profiler)
+    if device.type == "cpu" and getattr(args, "cpu_peak", True):  # the CPU allocator's peak (torch.profiler)
         measured_peak = measure_step_peak(net, loss_fn, batch, optimizer, precision=precision,
                                           clip=cfg.GRAD_CLIP)["peak"]
     predicted = None
@@ -260,7 +260,7 @@ def infer(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     model = build(cfg, args, device, args.num_classes).eval()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if args.compile else model
+    net = torch.compile(model, backend=args.compile_backend) if args.compile else model
     precision = resolve_precision(cfg.PRECISION, device)
     x = random_batch(args.batch_size, args.image_size, args.num_classes, device)["image"]
     if args.channels_last:
@@ -555,6 +555,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=on_off, default=False, help="channels_last memory format")
     p.add_argument("--fused-attn", action=on_off, default=True, help="timm's fused attention (SDPA)")
     p.add_argument("--compile", action=on_off, default=False, help="torch.compile the network")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend ('aot_eager' checks the compile path without a C++ toolchain)")
     p.add_argument("--grad-checkpointing", action=on_off, default=False, help="recompute encoder blocks (Phase 2)")
     p.add_argument("--no-grad-encoder", action=on_off, default=True,
                    help="Phase 1's frozen encoder under no_grad; --no-no-grad-encoder records it (weights keep "
