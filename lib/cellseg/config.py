@@ -63,6 +63,7 @@ class Config:
     CHECKPOINT_DIR: str = "checkpoints"
     PRECISION: str = "auto"
     OBJECT_DIAMETER: float = 100.0
+    INPUT_SCALE: float = 1.0
     # --- training (01) ---
     PHASE: int = 1
     EPOCHS: int = 50
@@ -114,6 +115,8 @@ class Config:
     LOG_EVERY: int = 20
     TENSORBOARD: bool = False
     DETERMINISTIC: bool = False
+    TRAIN_ENCODER_P1: bool = False
+    LR_ENCODER_P1: float = 1e-4
     # --- evaluation (02) ---
     EVAL_PHASE: int = 2
     EVAL_CHECKPOINT: str = "best"
@@ -160,7 +163,7 @@ _COMMON = ("RUN_DIR", "DATA_CACHE", "DATASET", "DATA_ROOT", "SEED", "DEVICE", "N
 _PREPARE = ("SYNTH_NUM_IMAGES", "SYNTH_IMAGE_SIZE", "VAL_FRACTION", "TEST_FRACTION", "CONSEP_MERGE_CLASSES", "QA_OVERLAYS")
 _MODEL = (
     "ENCODER", "ENCODER_WEIGHTS", "ENCODER_INDICES", "DECODER", "DECODER_WIDTH", "PATCH_SIZE", "LORA_R", "LORA_ALPHA",
-    "LORA_DROPOUT", "LORA_TARGETS", "LORA_BLOCKS", "CHECKPOINT_DIR", "PRECISION", "OBJECT_DIAMETER",
+    "LORA_DROPOUT", "LORA_TARGETS", "LORA_BLOCKS", "CHECKPOINT_DIR", "PRECISION", "OBJECT_DIAMETER", "INPUT_SCALE",
 )
 _TRAIN_ONLY = tuple(
     f.name for f in fields(Config) if f.name not in _COMMON + _PREPARE + _MODEL and not f.name.startswith(("EVAL_", "TILE_"))
@@ -179,11 +182,13 @@ _CHOICES: dict[str, tuple] = {
     "NP_LOSS": NP_LOSSES, "MONITOR_MODE": MODES, "EVAL_PHASE": PHASES,
 }
 _POSITIVE = ("EPOCHS", "BATCH_SIZE", "PATCH_SIZE", "LORA_R", "LORA_ALPHA", "SYNTH_NUM_IMAGES", "SYNTH_IMAGE_SIZE",
-             "DECODER_WIDTH", "LOG_EVERY", "KEEP_LAST", "RESTART_EPOCHS", "STEP_SIZE", "OBJECT_DIAMETER")
+             "DECODER_WIDTH", "LOG_EVERY", "KEEP_LAST", "RESTART_EPOCHS", "STEP_SIZE", "OBJECT_DIAMETER",
+             "INPUT_SCALE")
 _NON_NEGATIVE = ("NUM_WORKERS", "GRAD_ACCUM_TARGET", "MAX_STEPS_PER_EPOCH", "LR_DECODER_P1", "LR_DECODER_P2",
                  "LR_ENCODER_P2", "LR_LORA", "WEIGHT_DECAY", "WARMUP_STEPS", "PATIENCE_P1", "PATIENCE_P2", "FOCAL_GAMMA",
                  "LOSS_WEIGHT_NP", "LOSS_WEIGHT_HV", "LOSS_WEIGHT_NC", "HV_MSGE_WEIGHT", "GRAD_CLIP", "VAL_MAX_IMAGES",
-                 "SAVE_EVERY_STEPS", "QA_OVERLAYS", "TILE_SIZE", "EVAL_MAX_IMAGES", "PLATEAU_PATIENCE", "SEED")
+                 "SAVE_EVERY_STEPS", "QA_OVERLAYS", "TILE_SIZE", "EVAL_MAX_IMAGES", "PLATEAU_PATIENCE", "SEED",
+                 "LR_ENCODER_P1")
 _UNIT_INTERVAL = ("VAL_FRACTION", "TEST_FRACTION", "LORA_DROPOUT", "MIN_LR_RATIO", "TILE_OVERLAP", "GAMMA",
                   "PLATEAU_FACTOR")
 _IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -253,6 +258,9 @@ def _check_value(name: str, value: Any) -> None:
         raise ConfigError(f"EVAL_SPLIT must be one of ['train', 'val', 'test'], got {value!r}. {_fix_hint(name)}")
     if name == "DEVICE" and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
         raise ConfigError(f"DEVICE must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}. {_fix_hint(name)}")
+    if name == "INPUT_SCALE" and value > 4.0:
+        raise ConfigError(f"INPUT_SCALE resizes images before the network (0.5 halves each side); it must lie in (0, 4], "
+                          f"got {value!r}. {_fix_hint(name)}")
     if name == "RUN_DIR" and not value:
         raise ConfigError("RUN_DIR must not be empty: every output of a run goes under it.")
 
@@ -382,6 +390,7 @@ PARAM_HELP: dict[str, str] = {
     "CHECKPOINT_DIR": "checkpoints go to CHECKPOINT_DIR/phase{N}/",
     "PRECISION": "auto (bf16 on capable GPUs, else fp32) | fp32 | bf16 | fp16 (GradScaler)",
     "OBJECT_DIAMETER": "typical cell diameter in pixels; scales the post-processing (BCCD ~100, nuclei at 40x ~20)",
+    "INPUT_SCALE": "resize images by this factor for the network (0.5: BCCD at half size); predictions map back to full size",
     "PHASE": "1: frozen encoder, decoder trains | 2: LoRA on the encoder (starts from Phase 1)",
     "EPOCHS": "epochs of this phase",
     "BATCH_SIZE": "images per device per forward pass",
@@ -432,6 +441,8 @@ PARAM_HELP: dict[str, str] = {
     "LOG_EVERY": "one log line every N optimizer steps",
     "TENSORBOARD": "also write TensorBoard event files under RUN_DIR/phase{N}/tensorboard",
     "DETERMINISTIC": "deterministic algorithms (bit-exact resumes on CPU; slower on GPU)",
+    "TRAIN_ENCODER_P1": "Phase 1 trains the whole network, encoder included (needed without ENCODER_WEIGHTS)",
+    "LR_ENCODER_P1": "Phase 1 encoder learning rate when TRAIN_ENCODER_P1 is True",
     "EVAL_PHASE": "phase whose checkpoint is evaluated",
     "EVAL_CHECKPOINT": "best | latest | path/to/file.pt",
     "EVAL_SPLIT": "train | val | test",

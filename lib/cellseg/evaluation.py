@@ -89,6 +89,8 @@ def evaluate_model(
     progress: bool = True,
     n_overlays: int = 4,
     max_error_crops: int = 24,
+    scale: float = 1.0,
+    training: str | None = None,
 ) -> dict:
     """Run ``model`` over ``split`` of the prepared cache and write the evaluation into ``out_dir``.
 
@@ -107,6 +109,9 @@ def evaluate_model(
         progress: show tqdm bars.
         n_overlays: images drawn in ``overlays.png``.
         max_error_crops: crops in each of the false-positive / false-negative galleries.
+        scale: ``INPUT_SCALE``: the network sees images resized by this factor; its maps are resampled back, so
+            post-processing (``object_diameter``) and metrics are in full-resolution pixels.
+        training: how the model was trained, in words (e.g. "full network ..."), for the report and metrics.json.
 
     Returns:
         The metrics (as in ``metrics.json``).
@@ -129,7 +134,7 @@ def evaluate_model(
         raise ValueError(f"max_images must be None (all) or >= 1, got {max_images}")
     names = _split_names(manifest, split, cache_dir, "evaluation")[:max_images]
     base = resolve_params(pp_params)
-    infer = {"tile_size": tile_size, "overlap": overlap, "tta": tta, "amp": amp, "device": device}
+    infer = {"tile_size": tile_size, "overlap": overlap, "tta": tta, "amp": amp, "device": device, "scale": scale}
     out_dir.mkdir(parents=True, exist_ok=True)
     tuning = None
     if tune_split is not None:
@@ -167,14 +172,17 @@ def evaluate_model(
             "split": split,
             "postprocess": params,
             "postprocess_tuned_on": tune_split,
-            "inference": {"tile_size": tile_size, "overlap": overlap, "tta": tta, "amp": amp},
+            "inference": {"tile_size": tile_size, "overlap": overlap, "tta": tta, "amp": amp, "input_scale": scale},
+            "training_mode": training,
             "seconds_per_image": seconds / len(names),
         }
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     context = {
         "split": f"{split} ({len(names)} images)",
-        "inference": f"tile {tile_size or 'whole image'}, overlap {overlap}, TTA {tta}, AMP {amp}",
+        "training": training or "not recorded",
+        "inference": f"tile {tile_size or 'whole image'}, overlap {overlap}, TTA {tta}, AMP {amp}, input scale {scale:g}"
+        + (" (maps resampled to full resolution)" if scale != 1 else ""),
         "post-processing": ", ".join(f"{k}={v:g}" for k, v in params.items())
         + (f" (tuned on {tune_split})" if tuning else ""),
         "seconds per image": f"{seconds / len(names):.3f}",

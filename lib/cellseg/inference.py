@@ -5,7 +5,8 @@ Gaussian, so that tile borders, where the network sees no context, weigh little.
 and HV maps are averaged, never logits. Test-time augmentation runs the 8 flips/rotations of the square (dihedral
 group D4) and maps each output back; the HV vectors are transformed too (a horizontal flip negates the horizontal
 map, a vertical flip the vertical one, a quarter turn swaps them with a sign), which HoVer-Net-style TTA code often
-forgets.
+forgets. ``scale`` (the ``INPUT_SCALE`` parameter) runs the network on a resized image and maps its outputs back
+onto the full-resolution grid (:mod:`cellseg.scaling`), so everything after the network is in original pixels.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from cellseg.branches import Branch
 from cellseg.imageops import normalize_image
 from cellseg.postprocess import classify_instances, hv_to_instances, instances_to_type_map
+from cellseg.scaling import check_scale, maps_to_full_resolution, resize_image
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,7 @@ def predict_image(
     amp: str = "none",
     device: torch.device | str | None = None,
     batch_size: int = 4,
+    scale: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """Per-pixel maps of one RGB image.
 
@@ -166,9 +169,11 @@ def predict_image(
         amp: "none", "bf16" or "fp16" autocast.
         device: where to run; defaults to the model's device.
         batch_size: tiles per forward pass.
+        scale: run the network on the image resized by this factor (``INPUT_SCALE``; tiles are in resized pixels);
+            the maps are resampled back to the full (H, W) grid.
 
     Returns:
-        ``fg_prob`` (H, W), ``hv`` (2, H, W), ``nc_prob`` (C+1, H, W), all float32 numpy arrays.
+        ``fg_prob`` (H, W), ``hv`` (2, H, W), ``nc_prob`` (C+1, H, W), all float32 numpy arrays at full resolution.
 
     Shape: (H, W, 3) uint8 -> (H, W), (2, H, W), (C+1, H, W).
 
@@ -178,10 +183,12 @@ def predict_image(
     _check_args(tile_size, overlap, amp)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    scale = check_scale(scale)
     device = _resolve_device(model, device)
     if isinstance(image, np.ndarray) and not image.flags.writeable:  # torch.from_numpy warns on read-only arrays
         image = image.copy()
-    x = normalize_image(image).to(device)
+    full_hw = image.shape[:2]
+    x = normalize_image(resize_image(image, scale)).to(device)
     _, height, width = x.shape
     was_training = model.training
     model.eval()
@@ -193,6 +200,8 @@ def predict_image(
             result = _predict_tiled(model, x, tile_size, overlap, tta, amp, batch_size)
     finally:
         model.train(was_training)
+    if (height, width) != full_hw:
+        result = {k: v[0] for k, v in maps_to_full_resolution({k: v[None] for k, v in result.items()}, *full_hw).items()}
     return {
         "fg_prob": result[Branch.NP.value][0].cpu().numpy().astype(np.float32),
         "hv": result[Branch.HV.value].cpu().numpy().astype(np.float32),
@@ -234,8 +243,9 @@ def predict_instances(
     amp: str = "none",
     device: torch.device | str | None = None,
     batch_size: int = 4,
+    scale: float = 1.0,
 ) -> dict[str, np.ndarray]:
-    """:func:`predict_image`, then :func:`~cellseg.postprocess.hv_to_instances` and
+    """:func:`predict_image` (at ``scale``, maps back at full resolution), then :func:`~cellseg.postprocess.hv_to_instances` and
     :func:`~cellseg.postprocess.classify_instances`.
 
     Returns:
@@ -244,7 +254,8 @@ def predict_instances(
         maps ``fg_prob``, ``hv``, ``nc_prob``.
     """
     maps = predict_image(
-        model, image, tile_size=tile_size, overlap=overlap, tta=tta, amp=amp, device=device, batch_size=batch_size
+        model, image, tile_size=tile_size, overlap=overlap, tta=tta, amp=amp, device=device, batch_size=batch_size,
+        scale=scale,
     )
     inst_map = hv_to_instances(maps["fg_prob"], maps["hv"], **(pp_params or {}))
     types, scores, probs = classify_instances(inst_map, maps["nc_prob"], maps["fg_prob"])
