@@ -19,7 +19,6 @@ import datetime as dt
 import json
 import os
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -234,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel", default="cellseg")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--no-write", action="store_true", help="print the results instead of writing RESULTS.md")
+    ap.add_argument("--reuse", action="store_true",
+                    help="score an already finished run in --run-dir again (no training; timings from its run.json)")
     args = ap.parse_args(argv)
     args.command_line = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     from cellseg.config import parse_cli_value
@@ -244,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in args.p:
         params[k] = parse_cli_value(v)
     run_dir = Path(args.run_dir or ROOT / "runs" / "bench" / (args.name or args.dataset)).resolve()
+    if not args.reuse and run_dir.exists() and any(run_dir.iterdir()):
+        ap.error(f"--run-dir {run_dir} is not empty: a benchmark starts from scratch (the notebooks would resume its "
+                 "checkpoints). Remove it, choose another --run-dir, or pass --reuse to score that run again.")
     if args.dataset == "bccd":
         if not args.bccd_root:
             ap.error("BCCD: give --bccd-root or set CELLSEG_BCCD_ROOT (the BCCD/ folder with Annotations/, JPEGImages/)")
@@ -256,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 
         root = Path(args.dsb_root)
         folder = run_dir / "dsb_quadrants"
-        shutil.rmtree(folder, ignore_errors=True)
-        write_dsb_quadrants(read_image(root / "img2d.tif"), read_mask(root / "mask2d.tif"), folder)
+        if not args.reuse:
+            write_dsb_quadrants(read_image(root / "img2d.tif"), read_mask(root / "mask2d.tif"), folder)
         params.update(DATASET="folder", DATA_ROOT=str(folder))
         name = "DSB2018 tile (quadrant 3 held out; quadrants 0-2 as 12 sub-tiles: 10 train, 2 val)"
     else:
@@ -266,7 +270,13 @@ def main(argv: list[str] | None = None) -> int:
         params.update(DATASET="folder", DATA_ROOT=str(Path(args.data_root).resolve()))
         name = f"folder dataset {args.name or Path(args.data_root).name}"
     load0 = os.getloadavg()[0]
-    run = run_model(run_dir, params, args.budget_minutes, args.eval_reserve_minutes, args.kernel)
+    if args.reuse:
+        if not (run_dir / "run.json").exists():
+            ap.error(f"--reuse: {run_dir / 'run.json'} does not exist; run the benchmark without --reuse first")
+        run = json.loads((run_dir / "run.json").read_text())
+    else:
+        run = run_model(run_dir, params, args.budget_minutes, args.eval_reserve_minutes, args.kernel)
+        (run_dir / "run.json").write_text(json.dumps(run, indent=2))
     cache = run_dir / "data"
     manifest = load_manifest(cache)
     class_names = list(manifest["class_names"])
