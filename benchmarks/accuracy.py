@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run = run_model(run_dir, params, args.budget_minutes, args.eval_reserve_minutes, args.kernel)
         (run_dir / "run.json").write_text(json.dumps(run, indent=2))
-    cache = run_dir / "data"
+    cache = Path(params["DATA_CACHE"]) if params.get("DATA_CACHE") else run_dir / "data"
     manifest = load_manifest(cache)
     class_names = list(manifest["class_names"])
     names = list(manifest["splits"]["test"])
