@@ -118,3 +118,14 @@ def test_notebook_sections_cover_every_field():
 
     covered = set().union(*NOTEBOOK_PARAMS.values())
     assert covered == {f.name for f in fields(Config)}
+
+
+@pytest.mark.parametrize("name, value, match", [
+    ("INPUT_SCALE", 0.0, "INPUT_SCALE must be > 0"),
+    ("INPUT_SCALE", 8.0, r"INPUT_SCALE resizes images .* \(0, 4\]"),
+    ("LR_ENCODER_P1", -1e-3, "LR_ENCODER_P1 must be >= 0"),
+    ("TRAIN_ENCODER_P1", 1, "TRAIN_ENCODER_P1 must be of type bool"),
+])
+def test_issue16_parameters_are_validated(name, value, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_config({name: value})

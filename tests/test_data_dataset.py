@@ -270,3 +270,37 @@ def test_sample_weights_without_any_instance(tmp_path: Path) -> None:
     prepare_dataset("folder", root, tmp_path / "cache", progress=False)
     ds = CellDataset(tmp_path / "cache", "train", patch_size=None, augment=False, seed=0)
     np.testing.assert_allclose(sample_weights(ds), [1.0])
+
+
+# ----------------------------------------------------------------------------- issue 16: colour, scale, class weights
+def test_colour_and_stain_augmentation_leave_hv_targets_unchanged(cache: Path) -> None:
+    plain = CellDataset(cache, "train", patch_size=48, augment=True, seed=3, augment_config=AugmentConfig(**OFF))
+    colour = CellDataset(cache, "train", patch_size=48, augment=True, seed=3,
+                         augment_config=AugmentConfig(**(OFF | {"colour": 1.0, "hed": 1.0, "hed_scale": 0.3})))
+    for i in range(len(plain)):
+        a, b = plain[i], colour[i]
+        assert not torch.equal(a["image"], b["image"]), "the colour transforms did run"
+        for key in (Branch.HV.value, Branch.NP.value, Branch.NC.value, "inst_map", "ignore"):
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_input_scale_resizes_images_and_labels_before_cropping(cache: Path) -> None:
+    full = CellDataset(cache, "val", patch_size=None, augment=False, seed=0)
+    half = CellDataset(cache, "val", patch_size=None, augment=False, seed=0, scale=0.5)
+    a, b = full[0], half[0]
+    assert b["image"].shape == (3, 32, 32) and b["inst_map"].shape == (32, 32)
+    # HV targets are those of the resized instances (not resampled full-resolution targets)
+    np.testing.assert_array_equal(b[Branch.HV.value].numpy(), hv_maps(b["inst_map"].numpy()))
+    assert int(b["inst_map"].max()) >= int(a["inst_map"].max()) - 2  # small objects may vanish, most survive
+    crops = CellDataset(cache, "train", patch_size=24, augment=True, seed=0, scale=0.5)
+    assert crops[0]["image"].shape == (3, 24, 24)
+    with pytest.raises(ValueError, match="INPUT_SCALE"):
+        CellDataset(cache, "train", patch_size=24, augment=False, seed=0, scale=0.0)
+
+
+def test_class_weights_from_instance_frequencies() -> None:
+    from cellseg.data.dataset import class_weights_from_counts
+
+    assert class_weights_from_counts(np.array([[160, 10, 0], [0, 0, 0]])) == [1.0, 1.0, 4.0, 1.0]
+    assert class_weights_from_counts(np.array([10000, 1])) == [1.0, 1.0, 10.0]  # capped
+    assert class_weights_from_counts(np.zeros((3, 2))) == [1.0, 1.0, 1.0]

@@ -263,3 +263,16 @@ def test_rerun_into_a_folder_removes_stale_predictions(cache, tmp_path):
                    tune_split=None, max_images=1, progress=False)
     assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["test_00.npy"]
     assert not (tmp_path / "postprocess.json").exists()
+def test_evaluation_at_half_scale_reports_full_resolution_metrics(cache, tmp_path):
+    """INPUT_SCALE: the network sees half-size images; predictions are saved and scored on the full grid."""
+    metrics = evaluate_model(
+        StandIn(), cache, "test", tmp_path, class_names=CLASSES, device="cpu", tta=False, amp="none",
+        pp_params={"object_diameter": 10}, tune_split=None, progress=False, scale=0.5,
+        training="Phase 1: full network (test)",
+    )
+    assert metrics["inference"]["input_scale"] == 0.5 and metrics["training_mode"] == "Phase 1: full network (test)"
+    pred = np.load(tmp_path / "predictions" / "test_00.npy", allow_pickle=True).item()
+    assert pred["inst_map"].shape == (64, 64)
+    assert metrics["pq"] > 0.6 and metrics["det_f1"] > 0.8  # 4-6 px objects survive a half-size pass
+    report = (tmp_path / "report.md").read_text()
+    assert "input scale 0.5 (maps resampled to full resolution)" in report and "Phase 1: full network" in report

@@ -119,3 +119,65 @@ def test_tensorboard_missing_is_explained(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install -e '.\[tensorboard\]'"):
         Trainer(ctx, model, loss_from_config(cfg, 2), ToyDataset(n=2), validate_fn=None, ckpt=FakeCheckpoints(),
                 stop=None)
+
+
+# ----------------------------------------------------------------------------- issue 16: guard and full network
+def test_freezing_a_random_encoder_is_refused_with_both_ways_out(tmp_path):
+    from cellseg.config import ConfigError
+    from cellseg.optim import check_encoder_source
+    from cellseg.training.session import build_phase_model
+
+    cfg = resolve_config({**BASE, "PHASE": 1, "RUN_DIR": str(tmp_path)})
+    for call in (lambda: check_encoder_source(cfg), lambda: build_phase_model(cfg, _Ctx(), ["a", "b"])):
+        with pytest.raises(ConfigError, match="ENCODER_WEIGHTS") as e:
+            call()
+        assert "TRAIN_ENCODER_P1=True" in str(e.value) and "random weights" in str(e.value)
+    assert not (tmp_path / "phase1" / "params.json").exists()
+    for ok in ({"TRAIN_ENCODER_P1": True}, {"PHASE": 2}, {"ENCODER_WEIGHTS": "w.pt"}):
+        check_encoder_source(resolve_config({**BASE, "PHASE": 1, **ok}))
+
+
+class _Ctx:
+    is_main = True
+
+
+def test_full_network_mode_trains_the_encoder_at_its_own_rate(tmp_path):
+    from cellseg.training.session import build_phase_model
+
+    cfg = resolve_config({**BASE, "PHASE": 1, "TRAIN_ENCODER_P1": True, "LR_ENCODER_P1": 3e-4,
+                          "LR_DECODER_P1": 1e-3, "RUN_DIR": str(tmp_path)})
+    model, counts = build_phase_model(cfg, _Ctx(), ["a", "b"])
+    assert not model.encoder_frozen and counts["backbone"] == counts["total_per_group"]["backbone"] > 0
+    assert counts["mode"].startswith("full network") and "random init" in counts["mode"]
+    import json
+
+    assert json.loads((tmp_path / "phase1" / "params.json").read_text())["mode"] == counts["mode"]
+    opt = build_optimizer(model, cfg)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["backbone"] == 3e-4 and lrs["decoder"] == 1e-3
+    model.train()
+    assert model.encoder.training  # not held in eval mode: it trains
+    before = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
+    out = model(torch.randn(2, 3, 32, 32))
+    sum(v.float().pow(2).mean() for v in out.values()).backward()
+    no_grad = [n for n, p in model.encoder.named_parameters() if p.grad is None]
+    assert not no_grad, f"encoder parameters without a gradient: {no_grad[:3]}"
+    opt.step()
+    assert any(not torch.equal(before[n], p) for n, p in model.encoder.named_parameters())
+    # the frozen mode is still checked: a full-network check with a frozen encoder parameter fails
+    next(model.encoder.parameters()).requires_grad_(False)
+    with pytest.raises(RuntimeError, match="TRAIN_ENCODER_P1 trains the whole network"):
+        check_phase(model, 1, 0, full_network=True)
+
+
+def test_training_summary_says_mode_and_class_weights(tmp_path):
+    from cellseg.reporting import training_summary
+    from cellseg.training.session import record_params, training_description
+
+    cfg = resolve_config({**BASE, "PHASE": 1, "TRAIN_ENCODER_P1": True, "RUN_DIR": str(tmp_path), "EVAL_PHASE": 1})
+    record_params(cfg, mode="full network (x)", class_weights=[1.0, 1.0, 3.3], class_weights_source="instance frequencies")
+    summary = {"epochs_done": 2, "steps": 4, "best_metric": 0.5, "best_epoch": 1}
+    text = training_summary(summary, cfg)
+    assert "full network (x)" in text and "[1.0, 1.0, 3.3] (instance frequencies)" in text
+    assert training_description(cfg) == "Phase 1: full network (x)"
+    assert "not recorded" in training_description(resolve_config({**BASE, "RUN_DIR": str(tmp_path / "none")}))

@@ -67,6 +67,7 @@ class Config:
     OBJECT_DIAMETER: float = 100.0
     NORM_MEAN: list = field(default_factory=list)
     NORM_STD: list = field(default_factory=list)
+    INPUT_SCALE: float = 1.0
     # --- training (01) ---
     PHASE: int = 1
     EPOCHS: int = 50
@@ -119,6 +120,8 @@ class Config:
     TENSORBOARD: bool = False
     DETERMINISTIC: bool = False
     ALLOW_CHANGES: list = field(default_factory=list)
+    TRAIN_ENCODER_P1: bool = False
+    LR_ENCODER_P1: float = 1e-4
     # --- evaluation (02) ---
     EVAL_PHASE: int = 2
     EVAL_CHECKPOINT: str = "best"
@@ -172,7 +175,7 @@ _PREPARE = ("SYNTH_NUM_IMAGES", "SYNTH_IMAGE_SIZE", "VAL_FRACTION", "TEST_FRACTI
 _MODEL = (
     "ENCODER", "ENCODER_WEIGHTS", "ENCODER_INDICES", "DECODER", "DECODER_WIDTH", "PATCH_SIZE", "LORA_R", "LORA_ALPHA",
     "LORA_DROPOUT", "LORA_TARGETS", "LORA_BLOCKS", "CHECKPOINT_DIR", "PRECISION", "OBJECT_DIAMETER",
-    "NORM_MEAN", "NORM_STD",
+    "NORM_MEAN", "NORM_STD", "INPUT_SCALE",
 )
 _TRAIN_ONLY = tuple(
     f.name for f in fields(Config) if f.name not in _COMMON + _PREPARE + _MODEL and not f.name.startswith(("EVAL_", "TILE_"))
@@ -191,11 +194,13 @@ _CHOICES: dict[str, tuple] = {
     "NP_LOSS": NP_LOSSES, "MONITOR_MODE": MODES, "EVAL_PHASE": PHASES, "DUPLICATES": ("keep", "drop"),
 }
 _POSITIVE = ("EPOCHS", "BATCH_SIZE", "PATCH_SIZE", "LORA_R", "LORA_ALPHA", "SYNTH_NUM_IMAGES", "SYNTH_IMAGE_SIZE",
-             "DECODER_WIDTH", "LOG_EVERY", "KEEP_LAST", "RESTART_EPOCHS", "STEP_SIZE", "OBJECT_DIAMETER")
+             "DECODER_WIDTH", "LOG_EVERY", "KEEP_LAST", "RESTART_EPOCHS", "STEP_SIZE", "OBJECT_DIAMETER",
+             "INPUT_SCALE")
 _NON_NEGATIVE = ("NUM_WORKERS", "GRAD_ACCUM_TARGET", "MAX_STEPS_PER_EPOCH", "LR_DECODER_P1", "LR_DECODER_P2",
                  "LR_ENCODER_P2", "LR_LORA", "WEIGHT_DECAY", "WARMUP_STEPS", "PATIENCE_P1", "PATIENCE_P2", "FOCAL_GAMMA",
                  "LOSS_WEIGHT_NP", "LOSS_WEIGHT_HV", "LOSS_WEIGHT_NC", "HV_MSGE_WEIGHT", "GRAD_CLIP", "VAL_MAX_IMAGES",
-                 "SAVE_EVERY_STEPS", "QA_OVERLAYS", "TILE_SIZE", "EVAL_MAX_IMAGES", "PLATEAU_PATIENCE", "SEED")
+                 "SAVE_EVERY_STEPS", "QA_OVERLAYS", "TILE_SIZE", "EVAL_MAX_IMAGES", "PLATEAU_PATIENCE", "SEED",
+                 "LR_ENCODER_P1")
 _UNIT_INTERVAL = ("VAL_FRACTION", "TEST_FRACTION", "LORA_DROPOUT", "MIN_LR_RATIO", "TILE_OVERLAP", "GAMMA",
                   "PLATEAU_FACTOR")
 _IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -286,6 +291,9 @@ def _check_value(name: str, value: Any) -> None:
     if name == "GROUP_KEY" and value and value != "groups.csv" and not re.fullmatch(r"prefix:.+", value):
         raise ConfigError(f"GROUP_KEY must be '' (no groups), 'prefix:SEP' (e.g. 'prefix:_') or 'groups.csv', got "
                           f"{value!r}. {_fix_hint(name)}")
+    if name == "INPUT_SCALE" and value > 4.0:
+        raise ConfigError(f"INPUT_SCALE resizes images before the network (0.5 halves each side); it must lie in (0, 4], "
+                          f"got {value!r}. {_fix_hint(name)}")
     if name == "RUN_DIR" and not value:
         raise ConfigError("RUN_DIR must not be empty: every output of a run goes under it.")
 
@@ -436,6 +444,7 @@ PARAM_HELP: dict[str, str] = {
     "OBJECT_DIAMETER": "typical cell diameter in pixels; scales the post-processing (BCCD ~100, nuclei at 40x ~20)",
     "NORM_MEAN": "input mean per RGB channel in [0, 1]; empty for the encoder's own (weights config, timm, UNI card)",
     "NORM_STD": "input std per RGB channel; empty for the encoder's own (set together with NORM_MEAN)",
+    "INPUT_SCALE": "resize images by this factor for the network (0.5: BCCD at half size); predictions map back to full size",
     "PHASE": "1: frozen encoder, decoder trains | 2: LoRA on the encoder (starts from Phase 1)",
     "EPOCHS": "epochs of this phase",
     "BATCH_SIZE": "images per device per forward pass",
@@ -487,6 +496,8 @@ PARAM_HELP: dict[str, str] = {
     "TENSORBOARD": "also write TensorBoard event files under RUN_DIR/phase{N}/tensorboard",
     "DETERMINISTIC": "deterministic algorithms (bit-exact resumes on CPU; slower on GPU)",
     "ALLOW_CHANGES": "names of run settings RESUME may accept as changed from the checkpoint's run; empty accepts none",
+    "TRAIN_ENCODER_P1": "Phase 1 trains the whole network, encoder included (needed without ENCODER_WEIGHTS)",
+    "LR_ENCODER_P1": "Phase 1 encoder learning rate when TRAIN_ENCODER_P1 is True",
     "EVAL_PHASE": "phase whose checkpoint is evaluated",
     "EVAL_CHECKPOINT": "best | latest | path/to/file.pt",
     "EVAL_SPLIT": "train | val | test",

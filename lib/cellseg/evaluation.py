@@ -79,6 +79,8 @@ def evaluate_model(
     max_error_crops: int = 24,
     checkpoint: dict[str, Any] | None = None,
     tune_note: str | None = None,
+    scale: float = 1.0,
+    training: str | None = None,
 ) -> dict:
     """Run ``model`` over ``split`` of the prepared cache and write the evaluation into ``out_dir``.
 
@@ -102,6 +104,9 @@ def evaluate_model(
         checkpoint: the evaluated checkpoint's record (:func:`cellseg.eval_index.checkpoint_record`: path, SHA-256,
             phase, epoch, step), stored in ``metrics.json`` and printed in the report.
         tune_note: a sentence on how the tuning split was chosen (:func:`cellseg.tuning.choose_tune_split`).
+        scale: ``INPUT_SCALE``: the network sees images resized by this factor; its maps are resampled back, so
+            post-processing (``object_diameter``) and metrics are in full-resolution pixels.
+        training: how the model was trained, in words (e.g. "full network ..."), for the report and metrics.json.
 
     Returns:
         The metrics (as in ``metrics.json``).
@@ -130,7 +135,7 @@ def evaluate_model(
             "another split (cellseg.tuning.choose_tune_split picks one) or pass tune_split=None.")
     base = resolve_params(pp_params)
     warn_if_tiles_split_cells(tile_size, overlap, base["object_diameter"])
-    infer = {"tile_size": tile_size, "overlap": overlap, "tta": tta, "amp": amp, "device": device}
+    infer = {"tile_size": tile_size, "overlap": overlap, "tta": tta, "amp": amp, "device": device, "scale": scale}
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_dir = out_dir / "predictions"
     pred_dir.mkdir(exist_ok=True)
@@ -186,7 +191,8 @@ def evaluate_model(
             "postprocess": params,
             "postprocess_tuned_on": tune_split,
             "checkpoint": checkpoint,
-            "inference": {"tile_size": tile_size, "overlap": overlap, "tta": tta, "amp": amp},
+            "inference": {"tile_size": tile_size, "overlap": overlap, "tta": tta, "amp": amp, "input_scale": scale},
+            "training_mode": training,
             "seconds_per_image": seconds / len(names),
         }
     )
@@ -195,7 +201,9 @@ def evaluate_model(
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     context = {
         "split": f"{split} ({len(names)} images)",
-        "inference": f"tile {tile_size or 'whole image'}, overlap {overlap}, TTA {tta}, AMP {amp}",
+        "training": training or "not recorded",
+        "inference": f"tile {tile_size or 'whole image'}, overlap {overlap}, TTA {tta}, AMP {amp}, input scale {scale:g}"
+        + (" (maps resampled to full resolution)" if scale != 1 else ""),
         "post-processing": ", ".join(f"{k}={v:g}" for k, v in params.items())
         + (f" (tuned on {tune_split})" if tuning else ""),
         "seconds per image": f"{seconds / len(names):.3f}",

@@ -5,7 +5,8 @@ Gaussian, so that tile borders, where the network sees no context, weigh little.
 and HV maps are averaged, never logits. Test-time augmentation runs the 8 flips/rotations of the square (dihedral
 group D4) and maps each output back; the HV vectors are transformed too (a horizontal flip negates the horizontal
 map, a vertical flip the vertical one, a quarter turn swaps them with a sign), which HoVer-Net-style TTA code often
-forgets.
+forgets. ``scale`` (the ``INPUT_SCALE`` parameter) runs the network on a resized image and maps its outputs back
+onto the full-resolution grid (:mod:`cellseg.scaling`), so everything after the network is in original pixels.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cellseg.postprocess import (
     instance_objectness,
     instances_to_type_map,
 )
+from cellseg.scaling import check_scale, maps_to_full_resolution, resize_image
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +216,7 @@ def predict_image(
     batch_size: int = 4,
     image_name: str | None = None,
     checkpoint: str | None = None,
+    scale: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """Per-pixel maps of one RGB image.
 
@@ -230,9 +233,11 @@ def predict_image(
         batch_size: tiles per forward pass.
         image_name, checkpoint: named in the error on NaN / Inf outputs; ``checkpoint`` defaults to the file
             :func:`cellseg.loading.load_trained_model` recorded on the model (``model.checkpoint_file``).
+        scale: run the network on the image resized by this factor (``INPUT_SCALE``; tiles are in resized pixels);
+            the maps are resampled back to the full (H, W) grid.
 
     Returns:
-        ``fg_prob`` (H, W), ``hv`` (2, H, W), ``nc_prob`` (C+1, H, W), all float32 numpy arrays.
+        ``fg_prob`` (H, W), ``hv`` (2, H, W), ``nc_prob`` (C+1, H, W), all float32 numpy arrays at full resolution.
 
     Shape: (H, W, 3) uint8 -> (H, W), (2, H, W), (C+1, H, W).
 
@@ -244,12 +249,15 @@ def predict_image(
     names = (image_name, checkpoint or getattr(model, "checkpoint_file", None))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    scale = check_scale(scale)
     device = _resolve_device(model, device)
     if isinstance(image, np.ndarray) and not image.flags.writeable:  # torch.from_numpy warns on read-only arrays
         image = image.copy()
     from cellseg.model.normalization import model_normalization
 
-    x = normalize_image(image, model_normalization(model)).to(device)  # the statistics the model was trained with
+    full_hw = image.shape[:2]
+    # the statistics the model was trained with, at the network's INPUT_SCALE
+    x = normalize_image(resize_image(image, scale), model_normalization(model)).to(device)
     _, height, width = x.shape
     was_training = model.training
     model.eval()
@@ -261,6 +269,8 @@ def predict_image(
             result = _predict_tiled(model, x, tile_size, overlap, tta, amp, batch_size, names)
     finally:
         model.train(was_training)
+    if (height, width) != full_hw:
+        result = {k: v[0] for k, v in maps_to_full_resolution({k: v[None] for k, v in result.items()}, *full_hw).items()}
     return {
         "fg_prob": result[Branch.NP.value][0].cpu().numpy().astype(np.float32),
         "hv": result[Branch.HV.value].cpu().numpy().astype(np.float32),
@@ -305,8 +315,9 @@ def predict_instances(
     batch_size: int = 4,
     image_name: str | None = None,
     checkpoint: str | None = None,
+    scale: float = 1.0,
 ) -> dict[str, np.ndarray]:
-    """:func:`predict_image`, then :func:`~cellseg.postprocess.hv_to_instances` and
+    """:func:`predict_image` (at ``scale``, maps back at full resolution), then :func:`~cellseg.postprocess.hv_to_instances` and
     :func:`~cellseg.postprocess.classify_instances`.
 
     Returns:
@@ -318,6 +329,7 @@ def predict_instances(
     maps = predict_image(
         model, image, tile_size=tile_size, overlap=overlap, tta=tta, amp=amp, device=device, batch_size=batch_size,
         image_name=image_name, checkpoint=checkpoint,
+        scale=scale,
     )
     inst_map = hv_to_instances(maps["fg_prob"], maps["hv"], **(pp_params or {}))
     types, scores, probs = classify_instances(inst_map, maps["nc_prob"], maps["fg_prob"])

@@ -164,7 +164,9 @@ class HoVerLoss(torch.nn.Module):
         return {"total": total, Branch.NP.value: l_np, Branch.HV.value: l_hv, Branch.NC.value: l_nc}
 
 
-def loss_from_config(cfg, num_classes: int) -> HoVerLoss:
+def loss_from_config(cfg, num_classes: int, class_weights: list[float] | None = None) -> HoVerLoss:
+    """The loss of ``cfg``; ``class_weights`` (e.g. derived from the data) stand in for an empty ``CLASS_WEIGHTS``."""
+    cw = tuple(cfg.CLASS_WEIGHTS) or tuple(class_weights or ())
     return HoVerLoss(LossWeights(np=cfg.LOSS_WEIGHT_NP, hv=cfg.LOSS_WEIGHT_HV, nc=cfg.LOSS_WEIGHT_NC,
                                  msge=cfg.HV_MSGE_WEIGHT, np_loss=cfg.NP_LOSS, focal_gamma=cfg.FOCAL_GAMMA,
-                                 focal_alpha=tuple(cfg.FOCAL_ALPHA), class_weights=tuple(cfg.CLASS_WEIGHTS)), num_classes)
+                                 focal_alpha=tuple(cfg.FOCAL_ALPHA), class_weights=cw), num_classes)

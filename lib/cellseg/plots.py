@@ -19,7 +19,8 @@ def read_history(path: str | Path) -> list[dict]:
 
 def plot_history(history: list[dict], out_dir: str | Path, metrics: tuple[str, ...] = ("pq", "mpq", "det_f1", "dice"),
                  ) -> list[Path]:
-    """Write ``loss_curves.png``, ``lr_curves.png`` and ``val_curves.png``; returns their paths."""
+    """Write ``loss_curves.png``, ``lr_curves.png``, ``val_curves.png`` and (with per-class validation metrics)
+    ``class_f1_curves.png``; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     epochs = [h["epoch"] for h in history]
@@ -46,7 +47,20 @@ def plot_history(history: list[dict], out_dir: str | Path, metrics: tuple[str, .
     ax.set(xlabel="epoch", ylabel="value", title="validation metrics")
     ax.legend(fontsize=7)
     paths.append(_save(fig, out_dir / "val_curves.png"))
+    classes = list(history[0]["val"].get("per_class", {})) if history else []
+    if classes:  # a class that collapses shows here long before the headline PQ moves
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for c in classes:
+            ax.plot(epochs, [_nan(h["val"].get("per_class", {}).get(c, {}).get("f1")) for h in history], marker="o",
+                    label=c)
+        ax.set(xlabel="epoch", ylabel="F1 (centroid matching)", title="validation F1 per class", ylim=(0, 1))
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out_dir / "class_f1_curves.png"))
     return paths
+
+
+def _nan(value) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _save(fig, path: Path) -> Path:

@@ -35,7 +35,19 @@ def training_summary(summary: dict, cfg) -> str:
             [f"best {cfg.MONITOR_METRIC}", summary["best_metric"]], ["best epoch", summary["best_epoch"]],
             ["checkpoints", str(cfg.checkpoint_dir())], ["history", str(cfg.phase_dir() / "history.jsonl")],
             ["curves", str(cfg.phase_dir() / "*.png")]]
+    params = _read_params(cfg)
+    if params.get("mode"):
+        rows.insert(1, ["mode", params["mode"]])
+    if params.get("class_weights"):
+        rows.insert(2, ["NC class weights", f"{params['class_weights']} ({params.get('class_weights_source', '')})"])
     return _table(rows, [f"Phase {cfg.PHASE}", ""])
+
+
+def _read_params(cfg) -> dict:
+    import json
+
+    path = cfg.phase_dir() / "params.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def metrics_table(metrics: dict) -> str:

@@ -26,6 +26,7 @@ from cellseg.data.cache import PREPARE_HINT, load_manifest, load_sample
 from cellseg.data.sample import SPLITS, relabel_consecutive
 from cellseg.data.targets import whole_cell_targets
 from cellseg.imageops import normalize_image
+from cellseg.scaling import check_scale, resize_image, resize_labels
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ class CellDataset(Dataset):
         augment_config: probabilities and ranges of the augmentations (defaults when None).
         normalization: the encoder's input normalisation {'mean', 'std'} (the model's ``arch['normalization']``, see
             :mod:`cellseg.model.normalization`); None = ImageNet statistics.
+        scale: ``INPUT_SCALE``: resize each image (area) and its label maps (nearest) by this factor before cropping;
+            HV targets are computed on the resized instances.
 
     Items (``P`` = patch size, or the image size when ``patch_size`` is None): ``image`` float32 (3, P, P) normalised
     with ``normalization``; ``np`` int64 (P, P) in {0, 1}; ``hv`` float32 (2, P, P); ``nc`` int64 (P, P) in 0..C;
@@ -120,6 +123,7 @@ class CellDataset(Dataset):
         class_names: list[str] | None = None,
         augment_config: AugmentConfig | None = None,
         normalization: dict | None = None,
+        scale: float = 1.0,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
@@ -146,6 +150,7 @@ class CellDataset(Dataset):
         self.patch_size = patch_size
         self.augment = augment
         self.seed = int(seed)
+        self.scale = check_scale(scale)
         self.augment_config = augment_config or AugmentConfig()
         self.normalization = dict(normalization) if normalization else None
         self._pipeline = split_pipeline(build_augmentation(self.augment_config)) if augment else None
@@ -213,6 +218,9 @@ class CellDataset(Dataset):
             "type_map": sample["type_map"],
             "ignore_mask": sample.get("ignore_mask", np.zeros((h, w), dtype=bool)),
         }
+        if self.scale != 1.0:
+            arrays = {k: resize_image(v, self.scale) if k == "image" else resize_labels(v, self.scale)
+                      for k, v in arrays.items()}
         arrays, margin = self._crop(arrays, rng)
         image, inst, types, ignore = (
             arrays["image"],
@@ -259,6 +267,23 @@ class CellDataset(Dataset):
                 counts = class_instance_counts(s["inst_map"], s["type_map"], self.num_classes)
             rows.append(counts)
         return np.asarray(rows, dtype=np.int64).reshape(len(self.names), self.num_classes)
+
+
+def class_weights_from_counts(counts: np.ndarray, cap: float = 10.0) -> list[float]:
+    """NC cross-entropy weights ``[background, class 1, ..., class C]`` from the instances per class of the training
+    split: ``sqrt(n_max / n_c)`` (the commonest class weighs 1, a class 16 times rarer weighs 4), at most ``cap``;
+    background and classes without instances weigh 1. The square root is a compromise: full inverse frequency
+    over-corrects on pixel-level losses, where a rare class's large cells (BCCD's WBC) already hold many pixels.
+
+    Shape: (C,) or (N, C) instance counts -> C + 1 weights.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    totals = counts.sum(axis=0) if counts.ndim == 2 else counts
+    if totals.size == 0 or totals.max() <= 0:
+        return [1.0] * (totals.size + 1)
+    with np.errstate(divide="ignore"):
+        w = np.where(totals > 0, np.sqrt(totals.max() / np.where(totals > 0, totals, 1.0)), 1.0)
+    return [1.0] + [round(float(min(cap, v)), 4) for v in w]
 
 
 def sample_weights(dataset: CellDataset, power: float = 1.0) -> np.ndarray:

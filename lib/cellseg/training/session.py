@@ -24,11 +24,14 @@ class TrainData:
     train: object
     val: object
     sample_weights: object = None
+    class_weights: list | None = None  # NC weights in use: CLASS_WEIGHTS, or derived from the training split
+    class_weights_source: str = "CLASS_WEIGHTS"
 
 
 def load_training_data(cfg: Config) -> TrainData:
     """Open the prepared cache (written by notebooks/00_prepare_data.ipynb) for training and validation."""
     from cellseg.data import CellDataset, sample_weights
+    from cellseg.data.dataset import class_weights_from_counts
     from cellseg.data.provenance import check_cache
     from cellseg.model.normalization import resolve_normalization
 
@@ -37,23 +40,36 @@ def load_training_data(cfg: Config) -> TrainData:
     # the same resolution build_model_from_config makes; build_trainer checks that both agree
     norm, _ = resolve_normalization(cfg.ENCODER, cfg.ENCODER_WEIGHTS, cfg.NORM_MEAN, cfg.NORM_STD)
     train = CellDataset(cfg.data_cache, "train", patch_size=cfg.PATCH_SIZE, augment=cfg.AUGMENT, seed=cfg.SEED,
-                        class_names=names, normalization=norm)
+                        class_names=names, normalization=norm, scale=cfg.INPUT_SCALE)
     val = CellDataset(cfg.data_cache, "val", patch_size=None, augment=False, seed=cfg.SEED, class_names=names,
-                      normalization=norm)
+                      normalization=norm, scale=cfg.INPUT_SCALE)
     weights = sample_weights(train) if cfg.OVERSAMPLE_RARE else None
-    log.info("data: %d training / %d validation images, classes %s (cache %s)", len(train), len(val), names,
-             cfg.data_cache)
-    return TrainData(manifest, names, train, val, weights)
+    if cfg.CLASS_WEIGHTS:
+        cw, source = list(cfg.CLASS_WEIGHTS), "CLASS_WEIGHTS"
+    else:  # class imbalance by default: weights from the training split's instance counts
+        cw, source = class_weights_from_counts(train.class_counts_per_image()), "instance frequencies (sqrt, cap 10)"
+    log.info("data: %d training / %d validation images, classes %s (cache %s); NC class weights %s from %s",
+             len(train), len(val), names, cfg.data_cache, cw, source)
+    return TrainData(manifest, names, train, val, weights, cw, source)
 
 
 def build_phase_model(cfg: Config, ctx: RunContext, class_names: list[str]):
     """Build the network, freeze / wrap it for the phase, and write ``params.json``. Returns (model, counts)."""
     from cellseg.model import build_model_from_config
-    from cellseg.optim import configure_phase, count_params, write_params_json
+    from cellseg.optim import (
+        check_encoder_source,
+        configure_phase,
+        count_params,
+        training_mode,
+        write_params_json,
+    )
 
+    check_encoder_source(cfg)  # before building: a random encoder must not be frozen
     model = build_model_from_config(cfg, num_classes=len(class_names))
     n_lora = configure_phase(model, cfg)
-    counts = write_params_json(model, cfg.phase_dir() / "params.json") if ctx.is_main else count_params(model)
+    extra = {"mode": training_mode(cfg), "train_encoder_p1": cfg.TRAIN_ENCODER_P1, "input_scale": cfg.INPUT_SCALE}
+    counts = (write_params_json(model, cfg.phase_dir() / "params.json", extra) if ctx.is_main
+              else {**count_params(model), **extra})
     counts["lora_modules"] = n_lora
     return model, counts
 
@@ -72,7 +88,9 @@ def build_trainer(cfg: Config, ctx: RunContext, model, data: TrainData):
             raise ValueError(f"the {ds.split} data are normalised with {ds.normalization} but the model expects "
                              f"{model_normalization(model)}: build both from the same cfg (NORM_MEAN / NORM_STD, "
                              "ENCODER, ENCODER_WEIGHTS) by re-running the data and model cells.")
-    loss_fn = loss_from_config(cfg, len(data.class_names))
+    loss_fn = loss_from_config(cfg, len(data.class_names), data.class_weights)
+    if ctx.is_main:
+        record_params(cfg, class_weights=data.class_weights, class_weights_source=data.class_weights_source)
     ckpt = CheckpointManager(cfg.checkpoint_dir(), phase=cfg.PHASE, keep_last=cfg.KEEP_LAST, is_main=ctx.is_main,
                              barrier=barrier, code_version=__version__)
     stop = StopRequest(list(cfg.STOP_SIGNALS), stop_file=ctx.run_dir / "STOP", deadline=cfg.STOP_AT or None)
@@ -82,7 +100,7 @@ def build_trainer(cfg: Config, ctx: RunContext, model, data: TrainData):
     def validate_fn(model, epoch):
         return run_validation(model, data.val, loss_fn.to(ctx.device), class_names=data.class_names,
                               device=ctx.device, rank=ctx.env.rank, world_size=ctx.env.world_size,
-                              max_images=cfg.VAL_MAX_IMAGES, object_diameter=cfg.OBJECT_DIAMETER,
+                              max_images=cfg.VAL_MAX_IMAGES, object_diameter=cfg.OBJECT_DIAMETER * cfg.INPUT_SCALE,
                               precision_ctx=partial(autocast_context, precision, ctx.device))
 
     return Trainer(ctx, model, loss_fn, data.train, validate_fn=validate_fn, ckpt=ckpt, stop=stop,
@@ -95,6 +113,35 @@ def identity_facts(cfg: Config, manifest: dict) -> dict:
     from cellseg.data.provenance import cache_fingerprint
 
     return {"dataset_fingerprint": cache_fingerprint(manifest)}
+
+
+def record_params(cfg: Config, **entries) -> dict:
+    """Add entries to the phase's ``params.json`` (what the run's summary and the evaluation report read back)."""
+    import json
+
+    path = cfg.phase_dir() / "params.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(entries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return data
+
+
+def read_params(cfg: Config, phase: int | None = None) -> dict:
+    """The phase's ``params.json`` ({} when the phase has not been set up)."""
+    import json
+
+    path = cfg.phase_dir(phase) / "params.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def training_description(cfg: Config) -> str:
+    """How the evaluated checkpoint was trained, from the phases' ``params.json`` (for the evaluation report)."""
+    parts = []
+    for phase in range(1, cfg.EVAL_PHASE + 1):
+        mode = read_params(cfg, phase).get("mode")
+        parts.append(f"Phase {phase}: {mode or 'not recorded (no params.json)'}")
+    return "; ".join(parts)
 
 
 def start_phase(cfg: Config, trainer) -> str:
@@ -132,4 +179,5 @@ def train_phase(cfg: Config) -> dict:
     return {**summary, "params": counts}
 
 
-__all__ = ["load_training_data", "build_phase_model", "build_trainer", "start_phase", "train_phase", "__version__"]
+__all__ = ["load_training_data", "build_phase_model", "build_trainer", "start_phase", "train_phase", "record_params",
+           "read_params", "training_description", "__version__"]
