@@ -1,4 +1,4 @@
-"""The ``cellseg`` command: ``train``, ``evaluate``, ``ckpt inspect|check``, ``preflight``.
+"""The ``cellseg`` command: ``train``, ``evaluate``, ``ckpt inspect|check``, ``preflight``, ``predict``.
 
 Subcommands live in :mod:`cellseg.commands`, each with ``add_parser(subparsers)`` and ``run(args) -> exit code``.
 """
@@ -12,7 +12,7 @@ import sys
 
 from cellseg.config import ConfigError
 
-SUBCOMMANDS = ("train", "evaluate", "ckpt", "preflight")
+SUBCOMMANDS = ("train", "evaluate", "ckpt", "preflight", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,6 +59,22 @@ class Predictor:
                 "normalization": self.normalization, "encoder": self.config.get("ENCODER"), "notes": self.notes}
 
 
+def training_data_info(dataset: Any) -> dict[str, Any]:
+    """What a checkpoint records about its training data (payload key ``data``): the class names of type ids 1..C
+    and the resolution in µm per pixel (the cache manifest's ``mpp``; None when it states none), plain types."""
+    names = list(getattr(dataset, "class_names", None) or []) or None
+    mpp = None
+    cache = getattr(dataset, "cache_dir", None)
+    if cache is not None:
+        from cellseg.data import load_manifest
+
+        try:
+            mpp = load_manifest(cache).get("mpp")
+        except (FileNotFoundError, ValueError):
+            mpp = None
+    return {"class_names": names, "mpp": float(mpp) if mpp else None}
+
+
 def postprocess_sidecar_path(checkpoint: str | Path) -> Path:
     checkpoint = Path(checkpoint)
     return checkpoint.with_name(checkpoint.name + POSTPROCESS_SUFFIX)

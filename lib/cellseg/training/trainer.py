@@ -96,6 +96,9 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = loss_fn.to(self.device)
         self.validate_fn, self.ckpt, self.stop = validate_fn, ckpt, stop
+        from cellseg.predict.settings import training_data_info
+
+        self.data_info = training_data_info(train_ds)
         self.precision = resolve_precision(cfg.PRECISION, self.device)
         self.patience = cfg.PATIENCE_P1 if cfg.PHASE == 1 else cfg.PATIENCE_P2
         env = ctx.env
@@ -143,9 +146,11 @@ class Trainer:
         rng_ranks = collect_rng_all_ranks(generators) if self.ctx.env.distributed else None
         if not self.ctx.is_main:
             return None
-        return collect_state(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                             progress=self.progress, config=self.cfg.to_dict(), generators=generators,
-                             rng_ranks=rng_ranks)
+        payload = collect_state(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                scaler=self.scaler, progress=self.progress, config=self.cfg.to_dict(),
+                                generators=generators, rng_ranks=rng_ranks)
+        payload["data"] = dict(self.data_info)  # prediction reads class names and resolution from here (issue 13)
+        return payload
 
     def resume(self) -> bool:
         """Restore from the phase's checkpoints according to ``RESUME``; True when something was restored."""
