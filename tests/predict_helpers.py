@@ -14,8 +14,8 @@ from torch import nn
 
 from cellseg.data.targets import hv_maps
 from cellseg.imageops import IMAGENET_MEAN, IMAGENET_STD
-from cellseg.predict import Predictor
 from cellseg.postprocess import resolve_params
+from cellseg.predict import Predictor
 
 CLASS_NAMES = ["RBC", "WBC"]
 DIAMETER = 13.0

@@ -223,7 +223,7 @@ class TiffReader(Reader):
         self.pages = [lv.pages[0] for lv in series.levels]
         base = self.pages[0]
         mpp0 = _tiff_mpp(self.tif, base)
-        h0, w0 = base.imagelength, base.imagewidth
+        w0 = base.imagewidth
         for page in self.pages:
             ds = w0 / page.imagewidth
             self.levels.append(Level(page.imagelength, page.imagewidth, ds, mpp0 * ds if mpp0 else None))

@@ -33,7 +33,15 @@ from cellseg.predict.export import (
 )
 from cellseg.predict.readers import InputError, collect_inputs, open_reader
 from cellseg.predict.settings import Predictor
-from cellseg.predict.tiling import owned_instances, plan_windows, save_part, window_margin
+from cellseg.predict.tiling import (
+    boxes_meet,
+    load_part,
+    owned_instances,
+    plan_windows,
+    resolve_overlaps,
+    save_part,
+    window_margin,
+)
 from cellseg.predict.tissue import tissue_mask, window_has_tissue
 
 log = logging.getLogger(__name__)
@@ -134,6 +142,10 @@ def predict_one(pred: Predictor, path: Path, s: PredictSettings, stop: Any = Non
                                        overlap=s.overlap, tta=s.tta, amp=s.amp, device=s.device,
                                        batch_size=s.batch_size)
             part = owned_instances(result, win, (height, width))
+            earlier = [load_part(parts, j) for j in todo[:k] if progress["counts"].get(str(j))
+                       and boxes_meet(windows[j].box, win.box)]
+            part, dropped = resolve_overlaps(part, win, earlier)
+            progress["duplicates"] = progress.get("duplicates", 0) + dropped
             save_part(parts, win.index, part)
             progress["counts"][str(win.index)] = int(len(part["area"]))
             progress["cut"] += int(part["cut"])
@@ -183,7 +195,7 @@ def predict_one(pred: Predictor, path: Path, s: PredictSettings, stop: Any = Non
             "density_per_mm2_per_class": {c: density_per_mm2(n, area_px0, mpp0) for c, n in
                                           tables["per_class"].items()},
             "windows": len(windows), "windows_predicted": len(todo), "tiles": total_tiles,
-            "cut_at_window_edge": progress["cut"], "seconds": progress["seconds"],
+            "cut_at_window_edge": progress["cut"], "duplicates_dropped": progress.get("duplicates", 0), "seconds": progress["seconds"],
             "tiles_per_s": float(np.mean(progress["tiles_per_s"])) if progress["tiles_per_s"] else None,
             "seam_rule": SEAM_RULE, "coordinates": COORDINATES, "tissue_detection": bool(s.tissue and reader.is_slide),
             "model": pred.describe(),

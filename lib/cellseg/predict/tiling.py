@@ -154,3 +154,60 @@ def load_part(parts_dir: Path, index: int) -> dict[str, np.ndarray]:
     """Read one window's instances (plain arrays, no pickle)."""
     with np.load(part_path(parts_dir, index), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def boxes_meet(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def resolve_overlaps(part: dict, win: Window, earlier: list[dict]) -> tuple[dict, int]:
+    """Make a window's kept instances disjoint from those already kept by earlier windows: an instance mostly
+    (more than half) covered by earlier ones is the same cell seen twice and is dropped; one partly covered loses
+    the shared pixels (the earlier instance keeps them). So ``instances.tif``, the polygons and the table describe the
+    same pixels. Returns (part, number dropped)."""
+    n = len(part["area"])
+    if n == 0 or not earlier:
+        return part, 0
+    by, bx, by1, bx1 = win.box
+    taken = np.zeros((by1 - by, bx1 - bx), bool)
+    for other in earlier:
+        for i in range(len(other["area"])):
+            y0, x0, h, w = (int(v) for v in other["bbox"][i])
+            if not boxes_meet((y0, x0, y0 + h, x0 + w), win.box):
+                continue
+            m = instance_mask(other, i)
+            ty0, tx0, ty1, tx1 = max(y0, by), max(x0, bx), min(y0 + h, by1), min(x0 + w, bx1)
+            taken[ty0 - by:ty1 - by, tx0 - bx:tx1 - bx] |= m[ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0]
+    if not taken.any():
+        return part, 0
+    keep, bbox, centroid, area, masks, offsets = [], [], [], [], [], [0]
+    for i in range(n):
+        y0, x0, h, w = (int(v) for v in part["bbox"][i])
+        mask = instance_mask(part, i)
+        free = mask & ~taken[y0 - by:y0 - by + h, x0 - bx:x0 - bx + w]
+        if free.sum() * 2 < mask.sum() or not free.any():
+            continue  # the same cell, already kept by an earlier window
+        keep.append(i)
+        if free.sum() == mask.sum():
+            bbox.append(part["bbox"][i])
+            centroid.append(part["centroid"][i])
+            area.append(part["area"][i])
+            packed = part["masks"][part["mask_offsets"][i]:part["mask_offsets"][i + 1]]
+        else:
+            rows, cols = np.nonzero(free)
+            r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+            bbox.append(np.array([y0 + r0, x0 + c0, r1 - r0, c1 - c0], np.int64))
+            centroid.append(np.array([rows.mean() + y0, cols.mean() + x0]))
+            area.append(np.int64(free.sum()))
+            packed = np.packbits(free[r0:r1, c0:c1])
+        masks.append(packed)
+        offsets.append(offsets[-1] + packed.size)
+    dropped = n - len(keep)
+    idx = np.asarray(keep, np.int64)
+    out = {
+        "bbox": np.asarray(bbox, np.int64).reshape(-1, 4), "centroid": np.asarray(centroid, np.float64).reshape(-1, 2),
+        "area": np.asarray(area, np.int64), "cls": part["cls"][idx], "confidence": part["confidence"][idx],
+        "probs": part["probs"][idx], "masks": np.concatenate(masks) if masks else np.zeros(0, np.uint8),
+        "mask_offsets": np.asarray(offsets, np.int64), "cut": part["cut"], "duplicates": np.int64(dropped),
+    }
+    return out, dropped
