@@ -199,3 +199,14 @@ def test_window_too_small_for_the_margin():
 def test_parameter_errors_name_the_parameter(name, value, expected):
     with pytest.raises(ConfigError, match=expected):
         resolve_config({name: value}, notebook="03_predict")
+
+
+def test_openslide_reader_matches_tifffile(tmp_path):
+    from cellseg.predict.readers import OpenSlideReader
+
+    img, _, _ = disk_mosaic(size=200)
+    _pyramid(tmp_path / "p.tif", img)
+    r = OpenSlideReader(tmp_path / "p.tif")  # OpenSlide's generic tiled TIFF driver
+    assert r.levels[0].height == 200 and r.levels[0].mpp == pytest.approx(0.5)
+    assert np.array_equal(r.read(37, 51, 90, 130), img[37:127, 51:181])
+    r.close()

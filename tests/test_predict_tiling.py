@@ -115,3 +115,20 @@ def test_sigterm_then_restart_equals_uninterrupted(tmp_path, mosaic):
     assert np.array_equal(tifffile.imread(out / "mosaic" / "instances.tif"), tifffile.imread(full / "instances.tif"))
     for name in ("cells.csv", "cells.geojson"):
         assert (out / "mosaic" / name).read_text() == (full / name).read_text()
+
+
+def test_stop_file_stops_before_the_next_input_and_is_consumed(tmp_path, mosaic):
+    img, _, _, full = mosaic
+    Image.fromarray(img).save(tmp_path / "mosaic.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "STOP").write_text("")
+    stop = StopRequest([], stop_file=out / "STOP", file_check_interval=0)
+    first = predict_inputs(oracle_predictor(), [str(tmp_path / "mosaic.png")], PredictSettings(out_dir=out,
+                           window=WINDOW), stop)
+    assert first["stopped"] == str(tmp_path / "mosaic.png") and not (out / "mosaic").exists()
+    assert not (out / "STOP").exists() and list(out.glob("STOP.handled-*"))
+    stop = StopRequest([], stop_file=out / "STOP", file_check_interval=0)
+    second = predict_inputs(oracle_predictor(), [str(tmp_path / "mosaic.png")], PredictSettings(out_dir=out,
+                            window=WINDOW), stop)
+    assert second["finished"] and (out / "mosaic" / "cells.csv").read_text() == (full / "cells.csv").read_text()

@@ -231,6 +231,13 @@ def write_summary_csv(out_dir: Path, class_names: list[str]) -> Path:
     return path
 
 
+def _consume_stop_file(stop: Any) -> None:
+    """Rename a STOP file that was acted on (``STOP.handled-<time>``), so the next run does not stop at once."""
+    path = getattr(stop, "stop_file", None)
+    if path is not None and Path(path).exists() and str(stop.reason or "").startswith("STOP file"):
+        Path(path).replace(Path(path).with_name(f"STOP.handled-{time.strftime('%Y%m%dT%H%M%S')}"))
+
+
 def predict_inputs(pred: Predictor, patterns: list[str], s: PredictSettings, stop: Any = None) -> dict:
     """Predict every input named by ``patterns`` (files, folders, globs).
 
@@ -251,6 +258,7 @@ def predict_inputs(pred: Predictor, patterns: list[str], s: PredictSettings, sto
         stems[path.stem] = path
         if stop is not None and stop.reason is not None:
             stopped = str(path)
+            _consume_stop_file(stop)
             break
         try:
             rec = predict_one(pred, path, s, stop)
@@ -264,6 +272,7 @@ def predict_inputs(pred: Predictor, patterns: list[str], s: PredictSettings, sto
             continue
         if rec["status"] == "stopped":
             stopped = str(path)
+            _consume_stop_file(stop)
             break
         finished.append(str(path))
     csv_path = write_summary_csv(s.out_dir, pred.class_names)

@@ -9,8 +9,11 @@ half-open boxes, so exactly one core holds any point of the image). An instance 
 reaches at most about one diameter beyond it, so it lies whole inside the window: it is never cut, and the
 neighbouring window, which sees the same cell with its centroid outside its own core, drops it: it is never
 duplicated. Where two windows' predictions of the same cell differ enough to move its centroid across the core
-border the rule can still keep both or neither; pixels claimed by two kept instances go to the lower id in
-``instances.tif``, and instances touching a window edge inside the image are counted (``cut_at_window_edge``).
+border, both may keep it: :func:`resolve_overlaps` then drops the later copy when more than half of it is covered by
+instances already kept (the IoU-style overlap rule), and otherwise gives shared pixels to the earlier instance, so
+the kept instances are disjoint and ``instances.tif``, the polygons and the table agree pixel for pixel. Instances
+touching a window edge inside the image are counted (``cut_at_window_edge`` in ``summary.json``); with a margin of
+one diameter there are none unless a predicted object is much larger than ``OBJECT_DIAMETER``.
 
 Each window's kept instances are stored as one small part file (bounding box, packed mask, class, confidence, class
 probabilities), written atomically, so a stopped prediction resumes at the next window and memory never holds more
