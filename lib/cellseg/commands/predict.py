@@ -68,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
         cfg = replace(cfg, PREDICT_INPUT=list(args.input))
     device = pick_device(cfg.DEVICE, detect_env())
     settings = settings_from_config(cfg, device)
+    from cellseg.checkpoint import CorruptCheckpoint, IncompatibleCheckpoint
+
     try:
         predictor = load_predictor(predict_checkpoint_path(cfg), device=device, given=_given(args.files, args.pairs))
-    except (FileNotFoundError, CheckpointMismatch) as e:
+    except (FileNotFoundError, CheckpointMismatch, CorruptCheckpoint, IncompatibleCheckpoint) as e:
         print(f"cellseg predict: {e}", file=sys.stderr)
         return EXIT_USAGE
     stop = StopRequest(list(cfg.STOP_SIGNALS), stop_file=settings.out_dir / "STOP", deadline=cfg.STOP_AT or None)
