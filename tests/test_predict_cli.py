@@ -210,3 +210,15 @@ def test_openslide_reader_matches_tifffile(tmp_path):
     assert r.levels[0].height == 200 and r.levels[0].mpp == pytest.approx(0.5)
     assert np.array_equal(r.read(37, 51, 90, 130), img[37:127, 51:181])
     r.close()
+
+
+def test_plain_tiff_planar_and_16_bit(tmp_path):
+    img, _, _ = disk_mosaic(size=64)
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(img, -1, 0), photometric="rgb", planarconfig="separate")
+    tifffile.imwrite(tmp_path / "deep.tif", img.astype(np.uint16) << 8, photometric="rgb")
+    for name in ("planar.tif", "deep.tif"):
+        r = open_reader(tmp_path / name)
+        assert r.kind == "image" and not r.is_slide and np.array_equal(r.read(0, 0, 64, 64), img)
+    tifffile.imwrite(tmp_path / "float.tif", img.astype(np.float32), photometric="rgb")
+    with pytest.raises(InputError, match="float32 pixels"):
+        open_reader(tmp_path / "float.tif")

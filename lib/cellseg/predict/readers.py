@@ -181,7 +181,10 @@ class ArrayReader(Reader):
 
     def __init__(self, path: Path, image: np.ndarray, mpp: float | None = None):
         super().__init__(path)
-        self.image = _to_rgb(np.asarray(image), str(path))
+        image = np.asarray(image)
+        if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[2] not in (3, 4):
+            image = np.moveaxis(image, 0, -1)  # planar TIFF (C, H, W) -> (H, W, C)
+        self.image = _to_rgb(image, str(path))
         self.levels = [Level(self.image.shape[0], self.image.shape[1], 1.0, mpp)]
 
     def _read(self, y, x, h, w):
