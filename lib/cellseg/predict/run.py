@@ -113,7 +113,9 @@ def predict_one(pred: Predictor, path: Path, s: PredictSettings, stop: Any = Non
                 raise InputError(f"{path}: no tissue detected on its thumbnail (an empty slide?); set PREDICT_TISSUE "
                                  "False to predict it anyway")
             todo = [w.index for w in windows if window_has_tissue(mask, scale, w.core)]
-            analysed_px = float(mask.sum()) / (scale * scale)
+            # the cells counted are those whose centroid lies in a predicted core: density is relative to those cores
+            analysed_px = float(sum((windows[i].core[2] - windows[i].core[0]) * (windows[i].core[3] - windows[i].core[1])
+                                    for i in todo))
         sig = _signature(pred, path, s, (height, width), reader.level)
         progress_file = out / "progress.json"
         progress = json.loads(progress_file.read_text()) if progress_file.exists() else None
@@ -190,6 +192,7 @@ def predict_one(pred: Predictor, path: Path, s: PredictSettings, stop: Any = Non
             "level_shape": [height, width], "downsample": reader.downsample, "mpp": reader.mpp, "mpp_level0": mpp0,
             "resolution_note": res_note, "n_cells": tables["n_cells"], "per_class": tables["per_class"],
             "analysed_area_px0": area_px0,
+            "analysed_area": "the cores of the predicted windows (all of the image without tissue detection), level 0",
             "analysed_area_mm2": area_px0 * (mpp0 * 1e-3) ** 2 if mpp0 else None,
             "density_per_mm2": density_per_mm2(tables["n_cells"], area_px0, mpp0),
             "density_per_mm2_per_class": {c: density_per_mm2(n, area_px0, mpp0) for c, n in
