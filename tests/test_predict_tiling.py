@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def test_geojson_round_trip_matches_instances_tif(mosaic):
     ious = []
     for feat, row in zip(geo["features"], rows):
         props = feat["properties"]
-        assert props["objectType"] == "detection"
+        assert props["objectType"] == "detection" and uuid.UUID(feat["id"])
         assert props["classification"]["name"] == row["class"] and len(props["classification"]["color"]) == 3
         assert {"area_px", "confidence", "prob RBC", "prob WBC"} <= set(props["measurements"])
         ring = np.asarray(feat["geometry"]["coordinates"][0])

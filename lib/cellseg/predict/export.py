@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,9 +70,10 @@ def iter_cells(parts_dir: Path, windows: list[Window], counts: list[int]) -> Ite
 
 
 def write_tables(out_dir: Path, parts_dir: Path, windows: list[Window], counts: list[int], *, class_names: list[str],
-                 downsample: float, mpp0: float | None) -> dict:
+                 downsample: float, mpp0: float | None, name: str = "") -> dict:
     """Write ``cells.geojson`` and ``cells.csv`` (one feature and one row per instance). Returns counts per class
-    and the number of cells."""
+    and the number of cells. Feature ids are UUIDs (QuPath reads ``id`` as one), derived from ``name`` and the cell id
+    so that a resumed run writes the same file."""
     prob_cols = [f"prob_{c}" for c in class_names]
     header = ["id", "centroid_x", "centroid_y"] + (["centroid_x_um", "centroid_y_um"] if mpp0 else []) + \
         ["area"] + (["area_um2"] if mpp0 else []) + ["class", "confidence"] + prob_cols
@@ -105,7 +107,7 @@ def write_tables(out_dir: Path, parts_dir: Path, windows: list[Window], counts: 
                 measurements["area_um2"] = area * mpp0 * mpp0
             feature = {
                 "type": "Feature",
-                "id": f"cell-{cid}",
+                "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"cellseg:{name}:{cid}")),
                 "geometry": {"type": "Polygon", "coordinates": [[[round(x, 3), round(y, 3)] for x, y in ring]]},
                 "properties": {"objectType": "detection", "classification": {"name": name, "color": class_color(cls)},
                                "measurements": measurements},

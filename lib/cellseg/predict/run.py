@@ -182,7 +182,7 @@ def predict_one(pred: Predictor, path: Path, s: PredictSettings, stop: Any = Non
         lab_thumb, cls_thumb = write_instances(out, parts, windows, counts, height=height, width=width,
                                                mpp=reader.mpp, thumb_step=step)
         tables = write_tables(out, parts, windows, counts, class_names=pred.class_names,
-                              downsample=reader.downsample, mpp0=mpp0)
+                              downsample=reader.downsample, mpp0=mpp0, name=path.name)
         image = reader.read(0, 0, height, width) if not reader.is_slide else (
             thumb if thumb is not None else reader.thumbnail()[0])
         write_overlay(out / "overlay.png", image, lab_thumb, cls_thumb)
