@@ -222,3 +222,21 @@ def test_plain_tiff_planar_and_16_bit(tmp_path):
     tifffile.imwrite(tmp_path / "float.tif", img.astype(np.float32), photometric="rgb")
     with pytest.raises(InputError, match="float32 pixels"):
         open_reader(tmp_path / "float.tif")
+
+
+def test_corrupt_tile_is_reported_and_the_next_input_still_predicted(tmp_path):
+    img, _, _ = disk_mosaic(size=200)
+    _pyramid(tmp_path / "bad.tif", img)
+    with tifffile.TiffFile(tmp_path / "bad.tif") as tif:
+        page = tif.pages[0]
+        offset, size = page.dataoffsets[3], page.databytecounts[3]
+    with open(tmp_path / "bad.tif", "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * size)  # a tile that zlib cannot inflate
+    Image.fromarray(img).save(tmp_path / "good.png")
+    report = predict_inputs(oracle_predictor(), [str(tmp_path / "bad.tif"), str(tmp_path / "good.png")],
+                            PredictSettings(out_dir=tmp_path / "out", window=96, tissue=False))
+    assert report["finished"] == [str(tmp_path / "good.png")]
+    assert report["failed"][0][0] == str(tmp_path / "bad.tif")
+    rows = {r["input"]: r["status"] for r in csv.DictReader(open(tmp_path / "out" / "summary.csv"))}
+    assert rows == {str(tmp_path / "bad.tif"): "failed", str(tmp_path / "good.png"): "finished"}

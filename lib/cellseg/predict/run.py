@@ -268,6 +268,12 @@ def predict_inputs(pred: Predictor, patterns: list[str], s: PredictSettings, sto
         except (InputError, OSError) as e:
             msg = str(e)
             log.error("%s: %s", path, msg)
+        except Exception as e:  # noqa: BLE001 - a corrupt tile deep in a slide must not stop the other inputs
+            msg = f"{type(e).__name__}: {e}"
+            log.exception("%s: prediction failed", path)  # the traceback goes to the log, the line to the summary
+        else:
+            msg = None
+        if msg is not None:
             failed.append((str(path), msg))
             out = s.out_dir / path.stem
             out.mkdir(parents=True, exist_ok=True)
