@@ -240,3 +240,20 @@ def test_corrupt_tile_is_reported_and_the_next_input_still_predicted(tmp_path):
     assert report["failed"][0][0] == str(tmp_path / "bad.tif")
     rows = {r["input"]: r["status"] for r in csv.DictReader(open(tmp_path / "out" / "summary.csv"))}
     assert rows == {str(tmp_path / "bad.tif"): "failed", str(tmp_path / "good.png"): "finished"}
+
+
+def test_checkpoints_record_class_names_and_resolution(tmp_path):
+    from types import SimpleNamespace
+
+    from cellseg.predict.settings import training_data_info
+    from cellseg.training.trainer import Trainer
+    from test_training import make_trainer
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps({"class_names": ["a", "b"], "mpp": 0.25}))
+    ds = SimpleNamespace(class_names=["a", "b"], cache_dir=tmp_path / "cache")
+    assert training_data_info(ds) == {"class_names": ["a", "b"], "mpp": 0.25}
+    t = make_trainer(tmp_path)
+    t.data_info = training_data_info(ds)
+    payload = Trainer.collect(t)  # the real collect (make_trainer stubs it)
+    assert payload["data"] == {"class_names": ["a", "b"], "mpp": 0.25}
