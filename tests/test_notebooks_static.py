@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_exist():
-    assert [p.stem for p in NOTEBOOKS] == ["00_prepare_data", "01_train", "02_evaluate"]
+def test_the_notebooks_exist():
+    assert [p.stem for p in NOTEBOOKS] == ["00_prepare_data", "01_train", "02_evaluate", "03_predict"]
 
 
 def _code_cells(path: Path) -> list[dict]:

@@ -60,7 +60,8 @@ def _history(path: Path) -> list[dict]:
 
 def test_executed_notebooks_and_artifacts(demo_run):
     nbs = sorted(p.name for p in (demo_run / "notebooks").glob("*.ipynb"))
-    assert nbs == ["00_prepare_data.ipynb", "01_train_phase1.ipynb", "01_train_phase2.ipynb", "02_evaluate.ipynb"]
+    assert nbs == ["00_prepare_data.ipynb", "01_train_phase1.ipynb", "01_train_phase2.ipynb", "02_evaluate.ipynb",
+                   "03_predict.ipynb"]
     assert (demo_run / "data" / "manifest.json").exists()
     for phase in (1, 2):
         hist = _history(demo_run / f"phase{phase}" / "history.jsonl")
@@ -109,6 +110,22 @@ def test_eval_metrics_and_report(demo_run):
     assert list(out.glob("*.png")) and list((out / "predictions").glob("*.npy"))
     index = [json.loads(x) for x in (demo_run / "eval" / "index.jsonl").read_text().splitlines()]
     assert index[-1]["dir"] == out.name and index[-1]["checkpoint_sha256"] == metrics["checkpoint"]["sha256"]
+
+
+def test_predict_notebook_outputs(demo_run):
+    import csv
+
+    rows = list(csv.DictReader(open(demo_run / "predict" / "summary.csv")))
+    manifest = json.loads((demo_run / "data" / "manifest.json").read_text())
+    assert len(rows) == len(manifest["splits"]["test"]) > 0 and {r["status"] for r in rows} == {"finished"}
+    out = demo_run / "predict" / Path(rows[0]["input"]).stem
+    for name in ("instances.tif", "cells.geojson", "cells.csv", "overlay.png", "summary.json"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"]["class_names"] == ["RBC", "WBC", "Platelet"]
+    assert summary["model"]["class_names_source"] == "checkpoint"
+    assert summary["model"]["postprocess_source"].startswith("defaults")  # TUNE_POSTPROCESS is off in tiny_cpu
+    assert summary["model"]["postprocess"]["object_diameter"] == TINY["OBJECT_DIAMETER"]
 
 
 def test_rerun_of_a_finished_phase_resumes_instead_of_retraining(demo_run, tmp_path):

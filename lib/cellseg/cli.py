@@ -1,5 +1,5 @@
-"""The ``cellseg`` command: ``train``, ``evaluate``, ``ckpt inspect|check|export``, ``preflight``, ``runs summarize``,
-``data fetch``, ``doctor``.
+"""The ``cellseg`` command: ``train``, ``evaluate``, ``predict``, ``ckpt inspect|check|export``, ``preflight``,
+``runs summarize``, ``data fetch``, ``doctor``.
 
 Subcommands live in :mod:`cellseg.commands`, each with ``add_parser(subparsers)`` and ``run(args) -> exit code``.
 """
@@ -13,7 +13,7 @@ import sys
 
 from cellseg.config import ConfigError
 
-SUBCOMMANDS = ("train", "evaluate", "ckpt", "preflight", "runs", "data", "doctor")
+SUBCOMMANDS = ("train", "evaluate", "predict", "ckpt", "preflight", "runs", "data", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -131,6 +131,15 @@ class Config:
     TTA: bool = True
     TUNE_POSTPROCESS: bool = True
     EVAL_MAX_IMAGES: int = 0
+    # --- prediction (03) ---
+    PREDICT_CHECKPOINT: str = "best"
+    PREDICT_INPUT: list = field(default_factory=list)
+    PREDICT_OUT: str = ""
+    PREDICT_LEVEL: int = -1
+    PREDICT_MPP: float = 0.0
+    PREDICT_TISSUE: bool = True
+    PREDICT_WINDOW: int = 1024
+    PREDICT_BATCH: int = 4
 
     # ----- derived locations (never parameters, so papermill cannot leave them stale) -----
     @property
@@ -179,14 +188,18 @@ _MODEL = (
 )
 _TRAIN_ONLY = tuple(
     f.name for f in fields(Config) if f.name not in _COMMON + _PREPARE + _MODEL and not f.name.startswith(("EVAL_", "TILE_"))
-    and f.name not in ("TTA", "TUNE_POSTPROCESS")
+    and f.name not in ("TTA", "TUNE_POSTPROCESS") and not f.name.startswith("PREDICT_")
 )
 _EVAL_ONLY = ("EVAL_PHASE", "EVAL_CHECKPOINT", "EVAL_SPLIT", "TILE_SIZE", "TILE_OVERLAP", "TTA", "TUNE_POSTPROCESS",
               "EVAL_MAX_IMAGES")
+_PREDICT_ONLY = ("CHECKPOINT_DIR", "EVAL_PHASE", "PREDICT_CHECKPOINT", "EVAL_SPLIT", "PREDICT_INPUT", "PREDICT_OUT", "PREDICT_LEVEL",
+                 "PREDICT_MPP", "PREDICT_TISSUE", "PREDICT_WINDOW", "PREDICT_BATCH", "TILE_SIZE", "TILE_OVERLAP", "TTA",
+                 "PRECISION", "STOP_SIGNALS", "STOP_AT")
 NOTEBOOK_PARAMS: dict[str, tuple[str, ...]] = {
     "00_prepare_data": _COMMON + _PREPARE,
     "01_train": _COMMON + _MODEL + _TRAIN_ONLY,
     "02_evaluate": _COMMON + _MODEL + _EVAL_ONLY,
+    "03_predict": _COMMON + _PREDICT_ONLY,
 }
 
 _CHOICES: dict[str, tuple] = {
@@ -195,12 +208,12 @@ _CHOICES: dict[str, tuple] = {
 }
 _POSITIVE = ("EPOCHS", "BATCH_SIZE", "PATCH_SIZE", "LORA_R", "LORA_ALPHA", "SYNTH_NUM_IMAGES", "SYNTH_IMAGE_SIZE",
              "DECODER_WIDTH", "LOG_EVERY", "KEEP_LAST", "RESTART_EPOCHS", "STEP_SIZE", "OBJECT_DIAMETER",
-             "INPUT_SCALE")
+             "INPUT_SCALE", "PREDICT_BATCH")
 _NON_NEGATIVE = ("NUM_WORKERS", "GRAD_ACCUM_TARGET", "MAX_STEPS_PER_EPOCH", "LR_DECODER_P1", "LR_DECODER_P2",
                  "LR_ENCODER_P2", "LR_LORA", "WEIGHT_DECAY", "WARMUP_STEPS", "PATIENCE_P1", "PATIENCE_P2", "FOCAL_GAMMA",
                  "LOSS_WEIGHT_NP", "LOSS_WEIGHT_HV", "LOSS_WEIGHT_NC", "HV_MSGE_WEIGHT", "GRAD_CLIP", "VAL_MAX_IMAGES",
                  "SAVE_EVERY_STEPS", "QA_OVERLAYS", "TILE_SIZE", "EVAL_MAX_IMAGES", "PLATEAU_PATIENCE", "SEED",
-                 "LR_ENCODER_P1")
+                 "LR_ENCODER_P1", "PREDICT_MPP")
 _UNIT_INTERVAL = ("VAL_FRACTION", "TEST_FRACTION", "LORA_DROPOUT", "MIN_LR_RATIO", "TILE_OVERLAP", "GAMMA",
                   "PLATEAU_FACTOR")
 _IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -294,6 +307,18 @@ def _check_value(name: str, value: Any) -> None:
     if name == "INPUT_SCALE" and value > 4.0:
         raise ConfigError(f"INPUT_SCALE resizes images before the network (0.5 halves each side); it must lie in (0, 4], "
                           f"got {value!r}. {_fix_hint(name)}")
+    if name == "PREDICT_CHECKPOINT" and value not in ("best", "latest") and not value.endswith(".pt"):
+        raise ConfigError(f"PREDICT_CHECKPOINT must be 'best', 'latest' (of EVAL_PHASE) or a path to a .pt file, got "
+                          f"{value!r}. {_fix_hint(name)}")
+    if name == "PREDICT_INPUT" and not all(isinstance(p, str) and p for p in value):
+        raise ConfigError(f"PREDICT_INPUT must be a list of files, folders or globs (strings), got {value!r}. "
+                          f"{_fix_hint(name)}")
+    if name == "PREDICT_LEVEL" and value < -1:
+        raise ConfigError(f"PREDICT_LEVEL must be -1 (pick by PREDICT_MPP) or a pyramid level >= 0, got {value!r}. "
+                          f"{_fix_hint(name)}")
+    if name == "PREDICT_WINDOW" and value < 64:
+        raise ConfigError(f"PREDICT_WINDOW must be >= 64 pixels (window read per step), got {value!r}. "
+                          f"{_fix_hint(name)}")
     if name == "RUN_DIR" and not value:
         raise ConfigError("RUN_DIR must not be empty: every output of a run goes under it.")
 
@@ -506,5 +531,13 @@ PARAM_HELP: dict[str, str] = {
     "TTA": "test-time augmentation (flips, rot90) with correct HV handling",
     "TUNE_POSTPROCESS": "grid-search post-processing parameters on the validation split first",
     "EVAL_MAX_IMAGES": "cap on evaluated images; 0 for all",
+    "PREDICT_CHECKPOINT": "best | latest (of EVAL_PHASE) | path/to/file.pt",
+    "PREDICT_INPUT": "images, folders, globs, pyramidal TIFFs, slides; empty for the EVAL_SPLIT images of the cache",
+    "PREDICT_OUT": "output folder (one subfolder per input); empty means RUN_DIR/predict",
+    "PREDICT_LEVEL": "pyramid level to read; -1 picks the level closest to PREDICT_MPP",
+    "PREDICT_MPP": "target resolution in µm/px; 0 for the training resolution stored in the checkpoint (else level 0)",
+    "PREDICT_TISSUE": "skip windows without tissue on slides (thumbnail tissue detection)",
+    "PREDICT_WINDOW": "side of the window read and post-processed per step (core + margins of OBJECT_DIAMETER)",
+    "PREDICT_BATCH": "tiles per forward pass",
 }
 assert set(PARAM_HELP) == {f.name for f in fields(Config)}, "every parameter needs a help line"

@@ -1,4 +1,4 @@
-"""Run the whole workflow headless through the real notebooks: 00 -> 01 (PHASE 1) -> 01 (PHASE 2) -> 02.
+"""Run the whole workflow headless through the real notebooks: 00 -> 01 (PHASE 1) -> 01 (PHASE 2) -> 02 -> 03.
 
 ``make demo`` calls ``python -m cellseg.workflow --run-dir runs/demo --config configs/tiny_cpu.yaml``; the notebook
 tests call :func:`run_workflow`. Each notebook starts in a fresh kernel; phases hand off through files.
@@ -18,6 +18,7 @@ STEPS = (
     ("01_train", {"PHASE": 1}, "01_train_phase1.ipynb"),
     ("01_train", {"PHASE": 2}, "01_train_phase2.ipynb"),
     ("02_evaluate", {}, "02_evaluate.ipynb"),
+    ("03_predict", {}, "03_predict.ipynb"),
 )
 
 
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[cellseg] metrics:            {latest / 'metrics.json'}")
     print(f"[cellseg] report:             {latest / 'report.md'}")
     print(f"[cellseg] all evaluations:    {run_dir / 'eval' / 'index.jsonl'} (cellseg runs summarize {run_dir})")
+    print(f"[cellseg] predictions:        {run_dir / 'predict' / 'summary.csv'}")
     return 0
 
 

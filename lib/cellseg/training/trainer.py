@@ -103,6 +103,9 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = loss_fn.to(self.device)
         self.validate_fn, self.ckpt, self.stop = validate_fn, ckpt, stop
+        from cellseg.predict.settings import training_data_info
+
+        self.data_info = training_data_info(train_ds)
         self.precision = resolve_precision(cfg.PRECISION, self.device)
         self.patience = cfg.PATIENCE_P1 if cfg.PHASE == 1 else cfg.PATIENCE_P2
         env = ctx.env
@@ -168,6 +171,7 @@ class Trainer:
                               progress=self.progress, config=self.cfg.to_dict(), generators=generators,
                               rng_ranks=rng_ranks)
         state["identity"] = self.identity  # plain types: what this run is (checked by RESUME='auto')
+        state["data"] = dict(self.data_info)  # prediction reads class names and resolution from here (issue 13)
         return state
 
     def resume(self) -> bool:
