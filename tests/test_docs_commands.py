@@ -43,6 +43,7 @@ class Block:
     kind: str  # run | cluster-only | tested-by | unmarked
     target: str | None
     commands: list[str]
+    text: str = ""  # the block as written (bash -n reads it: loops and $(...) survive)
 
     def __str__(self) -> str:
         return f"{self.doc}:{self.line}"
@@ -80,7 +81,8 @@ def blocks() -> list[Block]:
                 prev = next((lines[j].strip() for j in range(start - 1, -1, -1) if lines[j].strip()), "")
                 m = MARKER.fullmatch(prev)
                 kind = "unmarked" if m is None else m.group(1).split()[0]
-                found.append(Block(doc, start + 1, kind, m.group(2) if m else None, _commands("\n".join(body))))
+                found.append(Block(doc, start + 1, kind, m.group(2) if m else None, _commands("\n".join(body)),
+                                   "\n".join(body)))
             i += 1
     return found
 
@@ -117,8 +119,7 @@ def test_tested_by_names_an_existing_test(block):
 
 @pytest.mark.parametrize("block", BLOCKS, ids=str)
 def test_commands_are_well_formed(block):
-    text = "\n".join(block.commands)
-    out = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+    out = subprocess.run(["bash", "-n"], input=block.text, capture_output=True, text=True)
     assert out.returncode == 0, f"{block}: {out.stderr}"
     fields = {f.name for f in dataclasses.fields(Config)}
     targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.M))

@@ -142,7 +142,7 @@ def predict_one(pred: Predictor, path: Path, s: PredictSettings, stop: Any = Non
             region = reader.read(y0, x0, y1 - y0, x1 - x0)
             result = predict_instances(pred.model, region, pp_params=pred.pp_params, tile_size=s.tile_size,
                                        overlap=s.overlap, tta=s.tta, amp=s.amp, device=s.device,
-                                       batch_size=s.batch_size)
+                                       batch_size=s.batch_size, scale=pred.input_scale)
             part = owned_instances(result, win, (height, width))
             earlier = [load_part(parts, j) for j in todo[:k] if progress["counts"].get(str(j))
                        and boxes_meet(windows[j].box, win.box)]

@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 POSTPROCESS_SUFFIX = ".postprocess.json"
 # Parameters that fix the network's shape: prediction takes them from the checkpoint; a different value given by the
 # user is a misunderstanding to explain, not to silently ignore.
-ARCH_PARAMS = ("ENCODER", "DECODER", "DECODER_WIDTH", "ENCODER_INDICES")
+# what the network was built and trained with; INPUT_SCALE is the resolution it saw (issue 16), so predicting at
+# another scale would be out of distribution
+ARCH_PARAMS = ("ENCODER", "DECODER", "DECODER_WIDTH", "ENCODER_INDICES", "INPUT_SCALE")
 
 
 class CheckpointMismatch(ValueError):
@@ -46,6 +48,7 @@ class Predictor:
     normalization: str
     config: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    input_scale: float = 1.0  # INPUT_SCALE of training: the network sees images resized by it, maps come back full size
 
     @property
     def object_diameter(self) -> float:
@@ -56,7 +59,8 @@ class Predictor:
         return {"checkpoint": str(self.checkpoint), "sha256": self.sha256, "class_names": self.class_names,
                 "class_names_source": self.class_names_source, "postprocess": self.pp_params,
                 "postprocess_source": self.pp_source, "train_mpp": self.train_mpp,
-                "normalization": self.normalization, "encoder": self.config.get("ENCODER"), "notes": self.notes}
+                "normalization": self.normalization, "encoder": self.config.get("ENCODER"),
+                "input_scale": self.input_scale, "notes": self.notes}
 
 
 def training_data_info(dataset: Any) -> dict[str, Any]:
@@ -238,12 +242,14 @@ def load_predictor(checkpoint: str | Path, *, device: torch.device, given: dict[
                      f"{pp['object_diameter']:g}")
         pp = resolve_params({**pp, "object_diameter": float(given["OBJECT_DIAMETER"])})
     model, _ = load_trained_model(cfg, num_classes=len(class_names), device=device)
-    normalization = info.get("normalization") or "ImageNet mean/std (cellseg.imageops; the checkpoint records none)"
+    norm = (getattr(model, "arch", None) or {}).get("normalization")
+    normalization = (f"mean {norm['mean']} std {norm['std']} (from the checkpoint)" if norm
+                     else "ImageNet mean/std (cellseg.imageops; the checkpoint records none)")
     train_mpp = info["data"].get("mpp")
     pred = Predictor(model=model, checkpoint=path, sha256=sha, class_names=class_names,
                      class_names_source=names_source, pp_params=pp, pp_source=pp_source,
                      train_mpp=float(train_mpp) if train_mpp else None, normalization=str(normalization),
-                     config=stored, notes=notes)
+                     config=stored, notes=notes, input_scale=float(stored.get("INPUT_SCALE", 1.0)))
     log.info("checkpoint %s: classes %s (%s); post-processing %s; training resolution %s", path, class_names,
              names_source, pp_source, f"{pred.train_mpp:g} µm/px" if pred.train_mpp else "unknown")
     for note in notes:
