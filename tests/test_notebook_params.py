@@ -24,12 +24,23 @@ def _cells(notebook: str) -> tuple[str, str]:
 
 @pytest.fixture
 def shell():
+    """An in-process IPython shell; it replaces ``sys.modules['__main__']`` (spawned processes of later tests need the
+    real one) and may touch the SIGINT handler, so both are put back."""
+    import signal
+    import sys
+
     from IPython.core.interactiveshell import InteractiveShell
 
+    main, sigint = sys.modules["__main__"], signal.getsignal(signal.SIGINT)
     sh = InteractiveShell.instance()
     sh.reset(new_session=True)
-    yield sh
-    sh.reset(new_session=True)
+    try:
+        yield sh
+    finally:
+        sh.reset(new_session=True)
+        InteractiveShell.clear_instance()
+        sys.modules["__main__"] = main
+        signal.signal(signal.SIGINT, sigint)
 
 
 def _run(sh, source: str):

@@ -257,3 +257,33 @@ def test_checkpoints_record_class_names_and_resolution(tmp_path):
     t.data_info = training_data_info(ds)
     payload = Trainer.collect(t)  # the real collect (make_trainer stubs it)
     assert payload["data"] == {"class_names": ["a", "b"], "mpp": 0.25}
+
+
+def test_prediction_runs_at_the_checkpoints_input_scale(tmp_path, images, capsys, monkeypatch):
+    """A model trained at INPUT_SCALE 0.5 predicts at 0.5 (maps back at full size); another scale is refused."""
+    import cellseg.predict.run as run
+
+    torch.manual_seed(0)
+    d = tmp_path / "ck" / "phase1"
+    model = build_model("test_vit", num_classes=2, width=8, load_weights=False)
+    cfg = Config(ENCODER="test_vit", ENCODER_WEIGHTS="", DECODER_WIDTH=8, OBJECT_DIAMETER=13.0, PHASE=1,
+                 INPUT_SCALE=0.5)
+    progress = {"epoch": 1, "step": 1, "batch_in_epoch": 0, "best_metric": 0.1, "best_epoch": 1,
+                "patience_counter": 0, "history": [], "monitor": {"metric": "pq", "mode": "max"}}
+    state = collect_state(model=model, optimizer=None, scheduler=None, scaler=None, progress=progress,
+                          config=cfg.to_dict())
+    state["data"] = {"class_names": list(CLASS_NAMES), "mpp": 0.5}
+    CheckpointManager(d, phase=1).save(state, epoch_end=True, is_best=True)
+    pred = load_predictor(d / "latest.pt", device=torch.device("cpu"))
+    assert pred.input_scale == 0.5 and pred.describe()["input_scale"] == 0.5
+    seen = []
+    real = run.predict_instances
+    monkeypatch.setattr(run, "predict_instances", lambda *a, **k: seen.append(k["scale"]) or real(*a, **k))
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(d / "latest.pt"), "--input", str(images / "mosaic.png"),
+                 "--out", str(out), "-p", "DEVICE", "cpu"]) == 0
+    assert seen and set(seen) == {0.5}
+    assert tifffile.imread(out / "mosaic" / "instances.tif").shape == (128, 128)  # full resolution
+    assert main(["predict", "--checkpoint", str(d / "latest.pt"), "--input", str(images / "mosaic.png"),
+                 "--out", str(tmp_path / "o2"), "-p", "INPUT_SCALE", "1.0", "-p", "DEVICE", "cpu"]) == 2
+    assert "INPUT_SCALE" in capsys.readouterr().err

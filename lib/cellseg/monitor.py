@@ -11,7 +11,8 @@ from __future__ import annotations
 
 _QUALITY = ("pq", "sq", "rq", "bpq", "mpq", "mpq_plus", "aji", "aji_plus", "dice", "mdice", "miou", "map", "ap50",
             "ap75", "det_f1", "det_precision", "det_recall", "det_centroid_f1", "det_centroid_precision",
-            "det_centroid_recall")
+            "det_centroid_recall", "bpq_incl_empty_gt", "mpq_gt_or_pred", "ap50_agnostic", "ap75_agnostic",
+            "map_agnostic")
 _LOSSES = ("val_loss", "val_loss_np", "val_loss_hv", "val_loss_nc")
 
 # metric -> the MONITOR_MODE under which a change of it is an improvement

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import urllib.request
 from pathlib import Path
+
+from cellseg.data.files import sha256_file  # noqa: F401  (one hasher, also imported from here)
 
 log = logging.getLogger(__name__)
 
@@ -17,13 +18,6 @@ class ChecksumError(ValueError):
     """The downloaded bytes are not the pinned ones."""
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download_verified(url: str, dest: str | Path, sha256: str | None, *, what: str, pin_name: str,

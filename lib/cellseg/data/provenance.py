@@ -58,8 +58,13 @@ class CacheMismatch(ValueError):
     """The prepared cache was made for other parameters than the run's."""
 
 
-def check_cache(cfg, cache_dir: str | Path | None = None) -> dict[str, Any]:
+def check_cache(cfg, cache_dir: str | Path | None = None, *, notebook: str | None = None) -> dict[str, Any]:
     """Load the manifest of ``DATA_CACHE`` and refuse a cache prepared for other parameters.
+
+    ``notebook`` limits the comparison to the parameters that notebook declares (``01_train`` and ``02_evaluate``
+    know DATASET, DATA_ROOT and SEED, not the preparation-only SYNTH_*/fractions, which keep their defaults there and
+    would be compared against nothing the run set); None compares every preparation input (the batch scripts' check,
+    which reads the whole parameter file).
 
     Returns:
         The manifest.
@@ -71,6 +76,10 @@ def check_cache(cfg, cache_dir: str | Path | None = None) -> dict[str, Any]:
     cache_dir = Path(cache_dir) if cache_dir is not None else cfg.data_cache
     manifest = load_manifest(cache_dir)
     rows = cache_differences(cfg, manifest)
+    if notebook is not None:
+        from cellseg.config import NOTEBOOK_PARAMS
+
+        rows = [r for r in rows if r[0] in NOTEBOOK_PARAMS[notebook]]
     if rows:
         table = "\n".join(f"  {n}: cache {a!r}, this run {b!r}" for n, a, b in rows)
         raise CacheMismatch(

@@ -35,7 +35,7 @@ def load_training_data(cfg: Config) -> TrainData:
     from cellseg.data.provenance import check_cache
     from cellseg.model.normalization import resolve_normalization
 
-    manifest = check_cache(cfg)  # refuses a cache prepared for other parameters (DATASET, DATA_ROOT, SEED, ...)
+    manifest = check_cache(cfg, notebook="01_train")  # refuses a cache prepared for other parameters (DATASET, DATA_ROOT, SEED, ...)
     names = list(manifest["class_names"])
     # the same resolution build_model_from_config makes; build_trainer checks that both agree
     norm, _ = resolve_normalization(cfg.ENCODER, cfg.ENCODER_WEIGHTS, cfg.NORM_MEAN, cfg.NORM_STD)
