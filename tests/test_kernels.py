@@ -39,3 +39,18 @@ def test_too_long_runtime_path_falls_back_to_tcp(tmp_path, monkeypatch):
     assert IPCKernelManager().transport == "tcp"
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", "/tmp/rt")
     assert IPCKernelManager().transport == "ipc"
+
+
+def test_two_kernel_managers_never_share_a_socket_path(monkeypatch):
+    """DDP ranks start their kernels at the same moment in the same folder: each manager's IPC address is its own,
+    absolute, in the runtime directory (jupyter_client's default, a relative 'kernel-ipc', made two ranks collide)."""
+    import tempfile
+
+    from cellseg.kernels import IPCKernelManager
+
+    tmp_path = tempfile.mkdtemp(prefix="k", dir="/tmp")  # short: Unix socket paths are limited
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", tmp_path)
+
+    a, b = IPCKernelManager(), IPCKernelManager()
+    assert a.transport == b.transport == "ipc"
+    assert a.ip != b.ip and a.ip.startswith(tmp_path) and b.ip.startswith(tmp_path)

@@ -79,8 +79,19 @@ def assert_same_weights(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The spawned DDP ranks compute with one thread (set in the worker); so does this process, so that every run
+    sums in the same order and only the plan under test can make the weights differ (with 2 threads AdamW carried
+    the summation-order noise past the tolerance)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Trainer:
+def uninterrupted(tmp_path_factory, one_thread) -> Trainer:
     return run_to_end(tmp_path_factory.mktemp("straight"))
 
 

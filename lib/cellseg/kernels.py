@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import uuid
 from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
@@ -43,6 +44,15 @@ class IPCKernelManager(AsyncKernelManager):
         log.warning("Jupyter runtime directory %s is too long for Unix sockets (%d > %d characters): the kernel uses "
                     "TCP; set JUPYTER_RUNTIME_DIR to a shorter path", runtime_dir(), len(probe), MAX_SOCKET_PATH)
         return "tcp"
+
+    @default("ip")
+    def _default_ip(self) -> str:
+        # jupyter_client's ipc default is "kernel-ipc" relative to the working directory when the address is read
+        # before the connection file is named: two kernels started at once (DDP ranks in one folder) then bind the
+        # same socket ("Address already in use"). A per-process path in the runtime directory cannot collide.
+        if self.transport == "ipc":
+            return os.path.join(runtime_dir(), f"cs-{os.getpid()}-{uuid.uuid4().hex[:8]}-ipc")
+        return "127.0.0.1"
 
 
 def engine_kwargs() -> dict[str, Any]:
