@@ -49,8 +49,10 @@ def test_two_kernel_managers_never_share_a_socket_path(monkeypatch):
     from cellseg.kernels import IPCKernelManager
 
     tmp_path = tempfile.mkdtemp(prefix="k", dir="/tmp")  # short: Unix socket paths are limited
+    os.rmdir(tmp_path)  # a fresh account has no runtime directory yet: the manager makes it
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", tmp_path)
 
     a, b = IPCKernelManager(), IPCKernelManager()
     assert a.transport == b.transport == "ipc"
     assert a.ip != b.ip and a.ip.startswith(tmp_path) and b.ip.startswith(tmp_path)
+    assert os.path.isdir(tmp_path)

@@ -51,6 +51,7 @@ class IPCKernelManager(AsyncKernelManager):
         # before the connection file is named: two kernels started at once (DDP ranks in one folder) then bind the
         # same socket ("Address already in use"). A per-process path in the runtime directory cannot collide.
         if self.transport == "ipc":
+            os.makedirs(runtime_dir(), exist_ok=True)  # a fresh account has no Jupyter runtime directory yet
             return os.path.join(runtime_dir(), f"cs-{os.getpid()}-{uuid.uuid4().hex[:8]}-ipc")
         return "127.0.0.1"
 
