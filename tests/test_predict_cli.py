@@ -33,10 +33,15 @@ from predict_helpers import CLASS_NAMES, disk_mosaic, oracle_predictor
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "phase1")
+
+
+def save_tiny_checkpoint(d, **overrides):
+    """A Phase 1 checkpoint of test_vit (random weights) with class names and a resolution, as training writes it."""
     torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("ck") / "phase1"
     model = build_model("test_vit", num_classes=2, width=8, load_weights=False)
-    cfg = Config(ENCODER="test_vit", ENCODER_WEIGHTS="", DECODER_WIDTH=8, OBJECT_DIAMETER=13.0, PHASE=1)
+    cfg = Config(ENCODER="test_vit", ENCODER_WEIGHTS="", DECODER_WIDTH=8, OBJECT_DIAMETER=13.0, PHASE=1,
+                 **overrides)
     progress = {"epoch": 1, "step": 1, "batch_in_epoch": 0, "best_metric": 0.1, "best_epoch": 1,
                 "patience_counter": 0, "history": [], "monitor": {"metric": "pq", "mode": "max"}}
     state = collect_state(model=model, optimizer=None, scheduler=None, scaler=None, progress=progress,
@@ -263,17 +268,7 @@ def test_prediction_runs_at_the_checkpoints_input_scale(tmp_path, images, capsys
     """A model trained at INPUT_SCALE 0.5 predicts at 0.5 (maps back at full size); another scale is refused."""
     import cellseg.predict.run as run
 
-    torch.manual_seed(0)
-    d = tmp_path / "ck" / "phase1"
-    model = build_model("test_vit", num_classes=2, width=8, load_weights=False)
-    cfg = Config(ENCODER="test_vit", ENCODER_WEIGHTS="", DECODER_WIDTH=8, OBJECT_DIAMETER=13.0, PHASE=1,
-                 INPUT_SCALE=0.5)
-    progress = {"epoch": 1, "step": 1, "batch_in_epoch": 0, "best_metric": 0.1, "best_epoch": 1,
-                "patience_counter": 0, "history": [], "monitor": {"metric": "pq", "mode": "max"}}
-    state = collect_state(model=model, optimizer=None, scheduler=None, scaler=None, progress=progress,
-                          config=cfg.to_dict())
-    state["data"] = {"class_names": list(CLASS_NAMES), "mpp": 0.5}
-    CheckpointManager(d, phase=1).save(state, epoch_end=True, is_best=True)
+    d = save_tiny_checkpoint(tmp_path / "ck" / "phase1", INPUT_SCALE=0.5).parent
     pred = load_predictor(d / "latest.pt", device=torch.device("cpu"))
     assert pred.input_scale == 0.5 and pred.describe()["input_scale"] == 0.5
     seen = []
