@@ -298,9 +298,55 @@ def test_input_scale_resizes_images_and_labels_before_cropping(cache: Path) -> N
         CellDataset(cache, "train", patch_size=24, augment=False, seed=0, scale=0.0)
 
 
-def test_class_weights_from_instance_frequencies() -> None:
+def test_class_weights_from_counts() -> None:
     from cellseg.data.dataset import class_weights_from_counts
 
     assert class_weights_from_counts(np.array([[160, 10, 0], [0, 0, 0]])) == [1.0, 1.0, 4.0, 1.0]
     assert class_weights_from_counts(np.array([10000, 1])) == [1.0, 1.0, 10.0]  # capped
     assert class_weights_from_counts(np.zeros((3, 2))) == [1.0, 1.0, 1.0]
+
+
+def test_default_class_weights_come_from_pixel_frequencies(tmp_path: Path) -> None:
+    """One big and one small cell per image (equal instance counts, 100x fewer pixels in the small class): pixel
+    counts, which the per-pixel NC loss sees, give the small class sqrt(100) = 10; instance counts would give 1."""
+    from cellseg.data.dataset import class_weights_from_counts
+
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "classes.txt").write_text("big\nsmall\n")
+    for split in ("train", "val", "test"):
+        (root / split).mkdir()
+        inst = np.zeros((32, 32), np.int32)
+        inst[0:20, 0:20], inst[28:30, 28:30] = 1, 2  # 400 px and 4 px
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / split / f"{split}0.png")
+        np.save(root / split / f"{split}0.npy", {"inst_map": inst, "type_map": inst.copy()})
+    prepare_dataset("folder", root, tmp_path / "cache", progress=False)
+    ds = CellDataset(tmp_path / "cache", "train", patch_size=None, augment=False, seed=0)
+    assert ds.class_pixel_counts().tolist() == [400, 4]
+    assert ds.class_counts_per_image().sum(0).tolist() == [1, 1]
+    assert class_weights_from_counts(ds.class_pixel_counts()) == [1.0, 1.0, 10.0]
+
+
+def test_unlabelled_foreground_is_ignored_or_trained_as_background(tmp_path: Path) -> None:
+    """IGNORE_UNLABELLED: the cache's ignore_mask (foreground no label claims) is excluded from the loss by default;
+    with False it is plain background inside the image, while the padding outside the image stays ignored."""
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "classes.txt").write_text("cell\n")
+    for split in ("train", "val", "test"):
+        (root / split).mkdir()
+        inst = np.zeros((32, 32), np.int32)
+        inst[2:10, 2:10] = 1
+        ignore = np.zeros((32, 32), bool)
+        ignore[20:28, 20:28] = True  # an unlabelled cell
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / split / f"{split}0.png")
+        np.save(root / split / f"{split}0.npy", {"inst_map": inst, "type_map": inst.copy(), "ignore_mask": ignore})
+    prepare_dataset("folder", root, tmp_path / "cache", progress=False)
+    kept = CellDataset(tmp_path / "cache", "train", patch_size=None, augment=False, seed=0)[0]["ignore"]
+    assert kept[20:28, 20:28].all() and kept.sum() == 64
+    trained = CellDataset(tmp_path / "cache", "train", patch_size=None, augment=False, seed=0,
+                          ignore_unlabelled=False)[0]["ignore"]
+    assert not trained.any()
+    padded = CellDataset(tmp_path / "cache", "train", patch_size=48, augment=False, seed=0, ignore_unlabelled=False)
+    item = padded[0]["ignore"]  # a 48 px window over a 32 px image: the 8 px border outside it is ignored
+    assert item[:8].all() and not item[8:40, 8:40].any()

@@ -175,9 +175,9 @@ def test_training_summary_says_mode_and_class_weights(tmp_path):
     from cellseg.training.session import record_params, training_description
 
     cfg = resolve_config({**BASE, "PHASE": 1, "TRAIN_ENCODER_P1": True, "RUN_DIR": str(tmp_path), "EVAL_PHASE": 1})
-    record_params(cfg, mode="full network (x)", class_weights=[1.0, 1.0, 3.3], class_weights_source="instance frequencies")
+    record_params(cfg, mode="full network (x)", class_weights=[1.0, 1.0, 3.3], class_weights_source="pixel frequencies")
     summary = {"epochs_done": 2, "steps": 4, "best_metric": 0.5, "best_epoch": 1}
     text = training_summary(summary, cfg)
-    assert "full network (x)" in text and "[1.0, 1.0, 3.3] (instance frequencies)" in text
+    assert "full network (x)" in text and "[1.0, 1.0, 3.3] (pixel frequencies)" in text
     assert training_description(cfg) == "Phase 1: full network (x)"
     assert "not recorded" in training_description(resolve_config({**BASE, "RUN_DIR": str(tmp_path / "none")}))

@@ -105,6 +105,7 @@ class Config:
     GRAD_CHECKPOINTING: bool = False
     AUGMENT: bool = True
     OVERSAMPLE_RARE: bool = False
+    IGNORE_UNLABELLED: bool = True
     VAL_MAX_IMAGES: int = 0
     RESUME: str = "auto"
     INIT_FROM: str = "auto"
@@ -499,13 +500,14 @@ PARAM_HELP: dict[str, str] = {
     "LOSS_WEIGHT_HV": "weight of the HV branch loss",
     "LOSS_WEIGHT_NC": "weight of the NC branch loss (default equal to HV)",
     "HV_MSGE_WEIGHT": "weight of the HV gradient term (MSGE) inside the HV loss",
-    "CLASS_WEIGHTS": "NC cross-entropy weights [background, class 1, ...]; empty for uniform",
+    "CLASS_WEIGHTS": "NC cross-entropy weights [background, class 1, ...]; empty: from the training pixels (sqrt, cap 10)",
     "GRAD_CLIP": "max gradient norm; 0 for no clipping",
     "USE_COMPILE": "torch.compile the network",
     "CHANNELS_LAST": "channels_last memory format for the convolutional parts",
     "GRAD_CHECKPOINTING": "recompute encoder blocks in the backward pass (less memory, Phase 2)",
     "AUGMENT": "geometric + colour augmentation of training crops",
     "OVERSAMPLE_RARE": "sample images with rare classes more often",
+    "IGNORE_UNLABELLED": "unlabelled foreground (e.g. BCCD's unboxed cells) is ignored; False: trained as background",
     "VAL_MAX_IMAGES": "cap on validation images per epoch; 0 for all",
     "RESUME": "auto (newest valid checkpoint of this phase) | never | path/to/file.pt",
     "INIT_FROM": "Phase 2 start: auto (Phase 1 best, else latest) | fresh | path/to/file.pt",

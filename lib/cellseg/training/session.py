@@ -40,14 +40,15 @@ def load_training_data(cfg: Config) -> TrainData:
     # the same resolution build_model_from_config makes; build_trainer checks that both agree
     norm, _ = resolve_normalization(cfg.ENCODER, cfg.ENCODER_WEIGHTS, cfg.NORM_MEAN, cfg.NORM_STD)
     train = CellDataset(cfg.data_cache, "train", patch_size=cfg.PATCH_SIZE, augment=cfg.AUGMENT, seed=cfg.SEED,
-                        class_names=names, normalization=norm, scale=cfg.INPUT_SCALE)
+                        class_names=names, normalization=norm, scale=cfg.INPUT_SCALE,
+                        ignore_unlabelled=cfg.IGNORE_UNLABELLED)
     val = CellDataset(cfg.data_cache, "val", patch_size=None, augment=False, seed=cfg.SEED, class_names=names,
-                      normalization=norm, scale=cfg.INPUT_SCALE)
+                      normalization=norm, scale=cfg.INPUT_SCALE, ignore_unlabelled=cfg.IGNORE_UNLABELLED)
     weights = sample_weights(train) if cfg.OVERSAMPLE_RARE else None
     if cfg.CLASS_WEIGHTS:
         cw, source = list(cfg.CLASS_WEIGHTS), "CLASS_WEIGHTS"
-    else:  # class imbalance by default: weights from the training split's instance counts
-        cw, source = class_weights_from_counts(train.class_counts_per_image()), "instance frequencies (sqrt, cap 10)"
+    else:  # class imbalance by default: weights from the training split's labelled pixels (the NC loss is per pixel)
+        cw, source = class_weights_from_counts(train.class_pixel_counts()), "pixel frequencies (sqrt, cap 10)"
     log.info("data: %d training / %d validation images, classes %s (cache %s); NC class weights %s from %s",
              len(train), len(val), names, cfg.data_cache, cw, source)
     return TrainData(manifest, names, train, val, weights, cw, source)
