@@ -350,3 +350,32 @@ def test_unlabelled_foreground_is_ignored_or_trained_as_background(tmp_path: Pat
     padded = CellDataset(tmp_path / "cache", "train", patch_size=48, augment=False, seed=0, ignore_unlabelled=False)
     item = padded[0]["ignore"]  # a 48 px window over a 32 px image: the 8 px border outside it is ignored
     assert item[:8].all() and not item[8:40, 8:40].any()
+
+
+def test_rare_crops_centre_half_the_crops_on_the_rarest_class(tmp_path: Path) -> None:
+    """OVERSAMPLE_RARE's crop rule: a 4 px 'rare' cell in the corner of a 128 px image with large 'common' cells is in
+    about 1 of 12 uniformly placed 32 px crops, but in at least half of the crops when rare_crops is on."""
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "classes.txt").write_text("common\nrare\n")
+    for split in ("train", "val", "test"):
+        (root / split).mkdir()
+        inst = np.zeros((128, 128), np.int32)
+        types = np.zeros((128, 128), np.int32)
+        for k, (y, x) in enumerate([(40, 40), (40, 90), (90, 40), (90, 90)], start=1):
+            inst[y - 10:y + 10, x - 10:x + 10], types[y - 10:y + 10, x - 10:x + 10] = k, 1
+        inst[120:124, 4:8], types[120:124, 4:8] = 5, 2
+        Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(root / split / f"{split}0.png")
+        np.save(root / split / f"{split}0.npy", {"inst_map": inst, "type_map": types})
+    prepare_dataset("folder", root, tmp_path / "cache", progress=False)
+
+    def share_with_rare(rare_crops: bool) -> float:
+        ds = CellDataset(tmp_path / "cache", "train", patch_size=32, augment=True, seed=0, rare_crops=rare_crops)
+        hits = []
+        for epoch in range(60):
+            ds.set_epoch(epoch)
+            hits.append(bool((ds[0]["nc"] == 2).any()))
+        return float(np.mean(hits))
+
+    uniform, focused = share_with_rare(False), share_with_rare(True)
+    assert uniform < 0.25 and focused >= 0.45, (uniform, focused)

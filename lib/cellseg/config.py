@@ -506,7 +506,7 @@ PARAM_HELP: dict[str, str] = {
     "CHANNELS_LAST": "channels_last memory format for the convolutional parts",
     "GRAD_CHECKPOINTING": "recompute encoder blocks in the backward pass (less memory, Phase 2)",
     "AUGMENT": "geometric + colour augmentation of training crops",
-    "OVERSAMPLE_RARE": "sample images with rare classes more often",
+    "OVERSAMPLE_RARE": "sample images with rare classes more often; centre half the crops on a rare-class cell",
     "IGNORE_UNLABELLED": "unlabelled foreground (e.g. BCCD's unboxed cells) is ignored; False: trained as background",
     "VAL_MAX_IMAGES": "cap on validation images per epoch; 0 for all",
     "RESUME": "auto (newest valid checkpoint of this phase) | never | path/to/file.pt",

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 CONTEXT = (
     1.42  # augmented patches are cut with ~sqrt(2) context, so rotations bring in real pixels, not borders
 )
+RARE_CROP_FRACTION = 0.5  # share of training crops centred on a rare-class cell when rare_crops is on
 
 
 def _window(
@@ -125,6 +126,7 @@ class CellDataset(Dataset):
         normalization: dict | None = None,
         scale: float = 1.0,
         ignore_unlabelled: bool = True,
+        rare_crops: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
@@ -155,6 +157,11 @@ class CellDataset(Dataset):
         # the cache's ignore_mask marks foreground no label claims (BCCD's unboxed cells); False trains it as
         # background, so the network learns which cells the annotators label (what box-level scores count)
         self.ignore_unlabelled = bool(ignore_unlabelled)
+        # OVERSAMPLE_RARE: half of the training crops are centred on a cell of the image's rarest class. Sampling
+        # images alone does not help a class that is in nearly every image but tiny (BCCD's platelets: 209 in 205
+        # images, 0.7 % of the labelled pixels), since a random crop then misses it most of the time.
+        self.rare_crops = bool(rare_crops)
+        self._rarity: np.ndarray | None = None
         self.augment_config = augment_config or AugmentConfig()
         self.normalization = dict(normalization) if normalization else None
         self._pipeline = split_pipeline(build_augmentation(self.augment_config)) if augment else None
@@ -202,11 +209,36 @@ class CellDataset(Dataset):
         if self.augment:
             y0 = int(rng.integers(min(0, h - p), max(0, h - p) + 1))
             x0 = int(rng.integers(min(0, w - p), max(0, w - p) + 1))
+            if self.rare_crops and rng.random() < RARE_CROP_FRACTION:
+                y0, x0 = self._rare_crop_origin(arrays, rng, (y0, x0))
             base = int(math.ceil(p * (CONTEXT - 1) / 2))
         else:
             y0, x0, base = (h - p) // 2, (w - p) // 2, 0
         margin = context_margin(arrays["inst_map"], y0, x0, p, base)
         return _window(arrays, y0 - margin, x0 - margin, p + 2 * margin, p + 2 * margin), margin
+
+    def _rare_crop_origin(self, arrays: dict[str, np.ndarray], rng: np.random.Generator,
+                          fallback: tuple[int, int]) -> tuple[int, int]:
+        """Top-left corner of a crop centred (within a quarter patch) on a random cell of the image's rarest class
+        (rarity: the class's share of the split's instances); ``fallback`` for an image without labelled cells."""
+        from scipy import ndimage as ndi
+
+        if self._rarity is None:
+            totals = self.class_counts_per_image().sum(0).astype(np.float64)
+            self._rarity = np.where(totals > 0, totals.sum() / np.maximum(totals, 1.0), 0.0)
+        inst, types = arrays["inst_map"], arrays["type_map"]
+        present = np.unique(types[inst > 0])
+        present = present[(present >= 1) & (present <= self.num_classes)]
+        if present.size == 0:
+            return fallback
+        rare = int(present[np.argmax(self._rarity[present - 1])])
+        ids = np.unique(inst[(types == rare) & (inst > 0)])
+        cy, cx = ndi.center_of_mass(inst == int(ids[rng.integers(len(ids))]))
+        p, (h, w) = self.patch_size, inst.shape
+        jitter = rng.integers(-(p // 4), p // 4 + 1, size=2)
+        y0 = int(np.clip(round(cy) - p // 2 + jitter[0], min(0, h - p), max(0, h - p)))
+        x0 = int(np.clip(round(cx) - p // 2 + jitter[1], min(0, w - p), max(0, w - p)))
+        return y0, x0
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self.names):

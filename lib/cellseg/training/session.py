@@ -41,7 +41,7 @@ def load_training_data(cfg: Config) -> TrainData:
     norm, _ = resolve_normalization(cfg.ENCODER, cfg.ENCODER_WEIGHTS, cfg.NORM_MEAN, cfg.NORM_STD)
     train = CellDataset(cfg.data_cache, "train", patch_size=cfg.PATCH_SIZE, augment=cfg.AUGMENT, seed=cfg.SEED,
                         class_names=names, normalization=norm, scale=cfg.INPUT_SCALE,
-                        ignore_unlabelled=cfg.IGNORE_UNLABELLED)
+                        ignore_unlabelled=cfg.IGNORE_UNLABELLED, rare_crops=cfg.OVERSAMPLE_RARE)
     val = CellDataset(cfg.data_cache, "val", patch_size=None, augment=False, seed=cfg.SEED, class_names=names,
                       normalization=norm, scale=cfg.INPUT_SCALE, ignore_unlabelled=cfg.IGNORE_UNLABELLED)
     weights = sample_weights(train) if cfg.OVERSAMPLE_RARE else None
