@@ -582,14 +582,20 @@ def _break_full_files(d):
         p.write_bytes(p.read_bytes()[:100])
 
 
-def test_best_is_weights_only_latest_and_epoch_files_are_full(tmp_path):
-    from cellseg.checkpoint.sidecar import read_payload
-
-    d = tmp_path / "phase1"
+def _stepped():
+    """A model and its AdamW after one step (the optimizer holds moments)."""
     model = _model()
     opt = _opt(model)
     model(torch.randn(1, 3, 32, 32))["np"].mean().backward()
     opt.step()
+    return model, opt
+
+
+def test_best_is_weights_only_latest_and_epoch_files_are_full(tmp_path):
+    from cellseg.checkpoint.sidecar import read_payload
+
+    d = tmp_path / "phase1"
+    model, opt = _stepped()
     CheckpointManager(d, phase=1).save(_state(model, _progress(1, best=0.5, best_epoch=1), opt), epoch_end=True,
                                        is_best=True)
     best, latest = read_payload(d / "best.pt"), read_payload(d / "latest.pt")
@@ -652,10 +658,7 @@ def test_best_written_as_a_full_copy_by_earlier_versions_still_resumes(tmp_path)
     import shutil
 
     d = tmp_path / "phase1"
-    model = _model()
-    opt = _opt(model)
-    model(torch.randn(1, 3, 32, 32))["np"].mean().backward()
-    opt.step()
+    model, opt = _stepped()
     _mark(model, 3.0)
     CheckpointManager(d, phase=1).save(_state(model, _progress(3, best=0.5, best_epoch=3), opt), epoch_end=False,
                                        is_best=True)

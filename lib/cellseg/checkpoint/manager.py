@@ -128,8 +128,8 @@ class CheckpointManager:
     # ----- saving -----
     def save(self, state: dict | None, *, epoch_end: bool, is_best: bool, reason: str = "epoch") -> None:
         """Write ``latest.pt`` (always), ``epoch_XXXX.pt`` (when ``epoch_end``; older ones beyond ``keep_last`` are
-        pruned) and ``best.pt`` (when ``is_best`` and not worse than the stored best), each atomically with its
-        sidecar; then a ledger line. Non-main ranks only wait at the barrier (``state`` may be None there).
+        pruned) and ``best.pt`` (when ``is_best`` and not worse than the stored best; weights only, see
+        :func:`cellseg.checkpoint.state.weights_only`), each atomically with its sidecar; then a ledger line. Non-main ranks only wait at the barrier (``state`` may be None there).
 
         Raises:
             ValueError: ``state`` is missing on the main rank or belongs to another phase.
