@@ -17,9 +17,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from cellseg.checkpoint import CheckpointManager, IncompatibleCheckpoint, collect_state, load_weights
+from cellseg.checkpoint.contents import weights_only
 from cellseg.checkpoint.fingerprint import file_sha256
 from cellseg.checkpoint.sidecar import read_sidecar
-from cellseg.checkpoint.state import weights_only
 from cellseg.config import Config, resolve_config
 from cellseg.loading import load_checkpoint_model
 from cellseg.model.backbones import UNI_KWARGS

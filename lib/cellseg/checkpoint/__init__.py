@@ -2,9 +2,10 @@
 wrong thing silently (issue 4). See :class:`CheckpointManager` for the files of a phase directory."""
 
 from cellseg.checkpoint.compat import IncompatibleCheckpoint
+from cellseg.checkpoint.contents import WeightsOnlyCheckpoint
 from cellseg.checkpoint.keys import canonical_state_dict, canonicalize, strip_wrappers, unwrap_model
 from cellseg.checkpoint.ledger import Ledger, read_ledger
-from cellseg.checkpoint.manager import CheckpointManager, WeightsOnlyCheckpoint
+from cellseg.checkpoint.manager import CheckpointManager
 from cellseg.checkpoint.phase2 import init_phase2
 from cellseg.checkpoint.sidecar import FORMAT_VERSION, CorruptCheckpoint, read_sidecar
 from cellseg.checkpoint.state import collect_rng, collect_state, restore_rng

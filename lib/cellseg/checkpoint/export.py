@@ -18,6 +18,7 @@ import torch
 
 from cellseg.checkpoint.atomic import commit, fsync_dir, open_temp
 from cellseg.checkpoint.base import base_tensors, resolve_base_file
+from cellseg.checkpoint.contents import WEIGHTS
 from cellseg.checkpoint.keys import canonicalize, lora_prefixes_from_keys, manifest
 from cellseg.checkpoint.layout import default_code_version
 from cellseg.checkpoint.ledger import now_iso
@@ -30,7 +31,6 @@ from cellseg.checkpoint.sidecar import (
     sidecar_path,
     verify_file,
 )
-from cellseg.checkpoint.state import WEIGHTS
 
 log = logging.getLogger(__name__)
 

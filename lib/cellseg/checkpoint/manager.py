@@ -26,7 +26,16 @@ from torch import nn
 
 from cellseg.checkpoint.atomic import commit, copy_to_temp, fsync_dir, open_temp, remove_stale_temps
 from cellseg.checkpoint.base import full_manifest
-from cellseg.checkpoint.compat import IncompatibleCheckpoint, describe_keys, ways_out
+from cellseg.checkpoint.compat import IncompatibleCheckpoint, describe_optimizer_change, ways_out
+from cellseg.checkpoint.contents import (
+    FULL,
+    WEIGHTS,
+    LandedOnWeights,
+    WeightsOnlyCheckpoint,
+    contents_of,
+    refusal,
+    weights_only,
+)
 from cellseg.checkpoint.layout import (
     BEST,
     LATEST,
@@ -45,14 +54,7 @@ from cellseg.checkpoint.sidecar import (
     sidecar_path,
     verify_file,
 )
-from cellseg.checkpoint.state import (
-    FULL,
-    WEIGHTS,
-    contents_of,
-    optimizer_param_names,
-    restore_training_state,
-    weights_only,
-)
+from cellseg.checkpoint.state import optimizer_param_names, restore_training_state
 from cellseg.checkpoint.weights import check_compatibility, load_weights
 
 log = logging.getLogger(__name__)
@@ -68,24 +70,6 @@ def _worse(new: float | None, old: float | None, mode: str) -> bool:
     if bad(new):
         return True
     return new < old if mode == "max" else new > old
-
-
-class WeightsOnlyCheckpoint(ValueError):
-    """``RESUME='auto'`` would continue from a weights-only file (``best.pt``) with a fresh optimizer and schedule;
-    the message names the file, why the full ones were unusable, and the ways out."""
-
-    def __init__(self, message: str, *, path: str | Path, rejected: list[str] | None = None):
-        super().__init__(message)
-        self.path = Path(path)
-        self.rejected = rejected or []
-
-
-class _LandedOnWeights(Exception):
-    """Internal: ``_examine`` reached a weights-only candidate in 'auto' mode (``resume`` words the refusal)."""
-
-    def __init__(self, side: dict):
-        super().__init__("weights-only checkpoint")
-        self.side = side
 
 
 class CheckpointManager:
@@ -129,7 +113,8 @@ class CheckpointManager:
     def save(self, state: dict | None, *, epoch_end: bool, is_best: bool, reason: str = "epoch") -> None:
         """Write ``latest.pt`` (always), ``epoch_XXXX.pt`` (when ``epoch_end``; older ones beyond ``keep_last`` are
         pruned) and ``best.pt`` (when ``is_best`` and not worse than the stored best; weights only, see
-        :func:`cellseg.checkpoint.state.weights_only`), each atomically with its sidecar; then a ledger line. Non-main ranks only wait at the barrier (``state`` may be None there).
+        :mod:`cellseg.checkpoint.contents`), each atomically with its sidecar; then a ledger line. Non-main ranks
+        only wait at the barrier (``state`` may be None there).
 
         Raises:
             ValueError: ``state`` is missing on the main rank or belongs to another phase.
@@ -315,10 +300,10 @@ class CheckpointManager:
                     self.ledger_event("reject", file=str(path), reason=rejected[-1][1])
                     raise
                 continue
-            except _LandedOnWeights as e:
+            except LandedOnWeights as e:
                 unusable = [f"{p.name}: {r}" for p, r in rejected]
                 self.ledger_event("refuse", file=str(path), reason="weights only", rejected=unusable)
-                raise WeightsOnlyCheckpoint(self._weights_only_refusal(path, e.side, unusable), path=path,
+                raise WeightsOnlyCheckpoint(refusal(self.directory, self.phase, path, e.side, unusable), path=path,
                                             rejected=unusable) from None
             except IncompatibleCheckpoint as e:
                 self.ledger_event("reject", file=str(path), reason="incompatible", differences=e.differences)
@@ -401,7 +386,7 @@ class CheckpointManager:
                 self._check_identity(side["identity"], identity, path, allow_changes)
             verify_file(path, side)
             if require_sidecar and contents_of(side) == WEIGHTS:  # 'auto' never continues without the optimizer
-                raise _LandedOnWeights(side)
+                raise LandedOnWeights(side)
         payload = read_payload(path)
         # a weights-only file named explicitly continues with fresh optimizer/RNG; it still needs its counters
         needed = ("progress",) if contents_of(side if side is not None else payload) == WEIGHTS else ("progress", "rng")
@@ -420,21 +405,6 @@ class CheckpointManager:
 
             self._check_identity(identity_of_checkpoint(payload), identity, path, allow_changes)
         return payload, side, flags
-
-    def _weights_only_refusal(self, path: Path, side: dict, unusable: list[str]) -> str:
-        epoch, step = side.get("epoch"), side.get("step")
-        return (f"RESUME='auto' stops: the only checkpoint of {self.directory} it could continue from is {path.name} "
-                f"(epoch {epoch}, step {step}), which holds weights only (no optimizer moments, learning-rate "
-                "schedule, GradScaler or RNG states: best.pt is written weights-only to stay small). Continuing from "
-                "it would silently restart AdamW and the schedule in the middle of the run.\n"
-                f"  The full checkpoints were unusable: {'; '.join(unusable) or 'none found'}.\n"
-                "Ways out:\n"
-                f"  - RESUME={str(path)!r}: continue from its weights and counters (epoch {epoch}) with a fresh "
-                "optimizer, the schedule restarted and the random streams as seeded (announced in the log and in "
-                "ledger.jsonl as 'weights_only_resume');\n"
-                f"  - RESUME='never': start Phase {self.phase} over (the checkpoints are moved aside, nothing is "
-                "deleted);\n"
-                "  - or put a full latest.pt / epoch_XXXX.pt back (with its .json sidecar) and run again.")
 
     def _check_identity(self, saved: dict | None, identity: dict, path: Path, allow_changes: tuple[str, ...]) -> None:
         from cellseg.checkpoint.identity import check_identity
@@ -468,7 +438,7 @@ class CheckpointManager:
             if optimizer is not None and saved is not None and restore_opt:
                 now = optimizer_param_names(optimizer, model)
                 if now != saved:
-                    problems.append(_describe_optimizer_change(saved, now))
+                    problems.append(describe_optimizer_change(saved, now))
                     restore_opt = False
         sched = meta.get("scheduler") or {}
         if scheduler is not None and sched.get("kind") is not None:
@@ -514,21 +484,3 @@ class CheckpointManager:
                             self.directory, dest)
             self.ledger_event("fresh_start", reason=why)
         log.warning("Phase %d: starting fresh from step 0: %s", self.phase, why)
-
-
-def _describe_optimizer_change(saved: list[list[str]], now: list[list[str]]) -> str:
-    if len(saved) != len(now):
-        return (f"optimizer parameter groups differ: the checkpoint has {len(saved)} groups {[len(g) for g in saved]}, "
-                f"the parameters build {len(now)} {[len(g) for g in now]}")
-    flat_s = {n for g in saved for n in g}
-    flat_n = {n for g in now for n in g}
-    lines = [f"optimizer parameters differ (sizes per group: checkpoint {[len(g) for g in saved]}, now "
-             f"{[len(g) for g in now]}); optimizer state is matched by position, so it cannot be restored"]
-    gone, new = sorted(flat_s - flat_n), sorted(flat_n - flat_s)
-    if gone:
-        lines.append(describe_keys("trained in the checkpoint, not now", gone))
-    if new:
-        lines.append(describe_keys("trained now, not in the checkpoint", new))
-    if not gone and not new:
-        lines.append("  same parameters in a different order or grouping")
-    return "\n".join(lines)

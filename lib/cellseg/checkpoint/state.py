@@ -1,9 +1,8 @@
 """The checkpoint payload: network (canonical keys), optimizer, scheduler, GradScaler, progress counters, resolved
 parameters, RNG states and the architecture fingerprint, in plain types only.
 
-A payload is ``contents='full'`` (what :func:`collect_state` returns: everything an exact resume needs) or
-``'weights'`` (:func:`weights_only`: the same dict without the optimizer, scheduler, GradScaler and RNG states, as
-``best.pt`` and exported files are written: for evaluation, prediction and ``INIT_FROM``).
+:func:`collect_state` returns a ``contents='full'`` payload (everything an exact resume needs); ``best.pt`` and
+exported files are weights-only (:mod:`cellseg.checkpoint.contents`).
 
 ``torch.load`` defaults to ``weights_only=True`` since torch 2.6, which refuses dataclasses, Namespaces and NumPy
 objects; NumPy's RNG state is therefore stored as lists, and NumPy scalars in metrics are turned into Python numbers.
@@ -21,17 +20,13 @@ import torch
 from torch import nn
 
 from cellseg.checkpoint.base import split_base
+from cellseg.checkpoint.contents import FULL
 from cellseg.checkpoint.keys import canonical_param_names, canonical_state_dict, unwrap_model
 from cellseg.checkpoint.sidecar import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
-FULL, WEIGHTS = "full", "weights"
-# what a weights-only payload leaves out: the state only an exact resume needs (AdamW's two moments are twice the
-# trained weights' size), and the descriptions of that state (a weights file is compared on the network only)
-RESUME_ONLY = ("optimizer", "optimizer_params", "scheduler", "scheduler_interval", "scheduler_kind", "scaler", "rng",
-               "rng_ranks")
 
 
 def to_plain(obj: Any, where: str = "state") -> Any:
@@ -186,23 +181,6 @@ def collect_state(*, model: nn.Module, optimizer: torch.optim.Optimizer | None, 
                                                               else None),
     }
     return to_plain(payload, "checkpoint")
-
-
-# ----- full vs weights-only payloads -----
-def weights_only(state: dict) -> dict:
-    """``state`` (a full payload) as a weights-only payload: the same network, base-weights identity, architecture,
-    LoRA settings, parameters, progress and run identity; the entries of ``RESUME_ONLY`` set to None and
-    ``contents='weights'``. A shallow copy: the tensors are shared, nothing is copied."""
-    return {**state, **dict.fromkeys(RESUME_ONLY), "contents": WEIGHTS}
-
-
-def contents_of(meta: dict) -> str:
-    """'full' or 'weights' for a payload or sidecar. Files written before the field existed: exported files are
-    weights-only, every other file (``best.pt`` included, then a byte copy of ``latest.pt``) is full."""
-    value = meta.get("contents")
-    if value in (FULL, WEIGHTS):
-        return value
-    return WEIGHTS if meta.get("exported_from") or meta.get("reason") == "export" else FULL
 
 
 def restore_training_state(payload: dict, *, optimizer: torch.optim.Optimizer | None, scheduler: Any, scaler: Any,

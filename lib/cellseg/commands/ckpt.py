@@ -60,8 +60,8 @@ def _sidecar_status(path: Path) -> tuple[str, dict | None]:
 def inspect_file(path: str | Path) -> dict:
     """What one checkpoint file holds, read from its sidecar (the payload only when the sidecar is missing)."""
     from cellseg.checkpoint.base import full_manifest
+    from cellseg.checkpoint.contents import contents_of
     from cellseg.checkpoint.sidecar import CorruptCheckpoint, read_payload
-    from cellseg.checkpoint.state import contents_of
 
     path = Path(path)
     info: dict[str, Any] = {"path": str(path), "exists": path.exists(),

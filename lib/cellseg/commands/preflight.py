@@ -240,8 +240,8 @@ def _first_valid(paths: list[Path], report: Report, *, explicit: bool = False) -
 
 def check_checkpoints(cfg: Config, model: torch.nn.Module, report: Report) -> None:
     from cellseg.checkpoint import CheckpointManager
+    from cellseg.checkpoint.contents import contents_of
     from cellseg.checkpoint.manager import BEST, LATEST
-    from cellseg.checkpoint.state import contents_of
 
     phase_dir = cfg.checkpoint_dir()
     resumed = None
