@@ -4,9 +4,12 @@ A randomly initialised ViT-L/16 is built exactly as UNI is (``vit_large_patch16_
 ``num_classes=0``) and saved in UNI's file layout (a plain state dict, ``pytorch_model.bin``), so no gated file is
 needed. Phase 1 (frozen encoder, AdamW on the decoder, one step so that the optimizer state exists) and Phase 2 (LoRA
 r=8 on every block's ``qkv``) checkpoints are written by ``CheckpointManager`` twice: full (``compact=False``, the
-format before issue 15) and compact (the base weights left out, their SHA-256 stored). Run on the CPU::
+base encoder stored) and compact (the base weights left out, their SHA-256 stored). For each: the size of
+``latest.pt`` and of an epoch file (full payloads: exact resume needs AdamW's moments), of ``best.pt`` (weights only),
+the phase's disk total (latest + best + ``KEEP_LAST=3`` epoch files) and the save times. Run on the CPU::
 
-    flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_checkpoint_size.py --dir /tmp/ckbench-size
+    flock /tmp/heavy.lock env OMP_NUM_THREADS=1 PYTHONPATH=$PWD/lib .venv/bin/python \
+        benchmarks/bench_checkpoint_size.py --dir /tmp/ckbench-size
 
 and copy the printed markdown table to benchmarks/RESULTS.md under "## Checkpoint size: full vs compact".
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+KEEP_LAST = 3  # the default KEEP_LAST: epoch files kept besides latest.pt and best.pt
 
 def _timed(fn, repeats: int) -> tuple[float, object]:
     best, out = float("inf"), None
@@ -75,14 +79,17 @@ def main() -> None:
 
         t_collect, state = _timed(collect, args.repeats)
         directory = root / f"phase{phase}-{'compact' if compact else 'full'}"
-        mgr = CheckpointManager(directory, phase=phase, keep_last=2)
+        mgr = CheckpointManager(directory, phase=phase, keep_last=KEEP_LAST)
         t_latest, _ = _timed(lambda: mgr.save(state, epoch_end=False, is_best=False, reason="bench"), args.repeats)
+        t_epoch, _ = _timed(lambda: mgr.save(state, epoch_end=True, is_best=False, reason="bench"), args.repeats)
         t_all, _ = _timed(lambda: mgr.save(state, epoch_end=True, is_best=True, reason="bench"), args.repeats)
-        size = (directory / "latest.pt").stat().st_size
+        sizes = {name: (directory / name).stat().st_size for name in ("latest.pt", "best.pt", "epoch_0001.pt")}
+        total = sizes["latest.pt"] + sizes["best.pt"] + KEEP_LAST * sizes["epoch_0001.pt"]
         t_resume, _ = _timed(lambda: CheckpointManager(directory, phase=phase).resume(
             "auto", model=model, optimizer=opt, scheduler=None, scaler=None), args.repeats)
-        rows.append((label, "compact" if compact else "full (before)", len(state["model"]), size, t_collect,
-                     t_latest, t_all, t_resume))
+        rows.append({"label": label, "form": "compact" if compact else "full", "tensors": len(state["model"]),
+                     **sizes, "total": total, "collect": t_collect, "save_latest": t_latest, "save_epoch": t_epoch,
+                     "save_all": t_all, "resume": t_resume})
         shutil.rmtree(directory)
 
     def measure(phase: int, label: str) -> None:
@@ -101,14 +108,23 @@ def main() -> None:
     decoder_mb = sum(t.numel() * t.element_size() for t in model.decoder.state_dict().values()) / 1e6
     print(f"base weights file {weights.stat().st_size / 1e6:.0f} MB; SHA-256 first {t_hash:.2f} s, cached "
           f"{t_hash_cached * 1e3:.1f} ms; decoder tensors {decoder_mb:.1f} MB; torch {torch.__version__}")
-    print("| checkpoint | form | tensors stored | file | collect_state | save latest | save all (3 files) | resume |")
-    print("|---|---|---|---|---|---|---|---|")
-    for label, form, n, size, tc, tl, ta, tr in rows:
-        print(f"| {label} | {form} | {n} | {size / 1e6:.1f} MB | {tc:.2f} | {tl:.2f} | {ta:.2f} | {tr:.2f} |")
-    full = {r[0]: r[3] for r in rows if r[1].startswith("full")}
-    for label, form, _, size, *_ in rows:
-        if form == "compact":
-            print(f"{label}: compact / full = {size / full[label]:.4f}")
+    mb = 1e6
+    print("| checkpoint | form | tensors | latest.pt | epoch file | best.pt (weights only) | phase total "
+          f"(latest + best + {KEEP_LAST} epoch) | collect_state | save latest | save latest + epoch | save latest + "
+          "epoch + best | resume |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['label']} | {r['form']} | {r['tensors']} | {r['latest.pt'] / mb:.1f} MB | "
+              f"{r['epoch_0001.pt'] / mb:.1f} MB | {r['best.pt'] / mb:.1f} MB | {r['total'] / mb:.0f} MB | "
+              f"{r['collect']:.2f} | {r['save_latest']:.2f} | {r['save_epoch']:.2f} | {r['save_all']:.2f} | "
+              f"{r['resume']:.2f} |")
+    full = {r["label"]: r for r in rows if r["form"] == "full"}
+    for r in rows:
+        if r["form"] == "compact":
+            f = full[r["label"]]
+            print(f"{r['label']}: compact / full: latest.pt {r['latest.pt'] / f['latest.pt']:.4f}, best.pt "
+                  f"{r['best.pt'] / f['best.pt']:.4f} (vs the full latest.pt, which best.pt used to copy: "
+                  f"{r['best.pt'] / f['latest.pt']:.4f}), phase total {r['total'] / f['total']:.4f}")
     if not args.dir:
         shutil.rmtree(root)
 

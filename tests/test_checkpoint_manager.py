@@ -14,6 +14,7 @@ from cellseg.checkpoint import (
     CheckpointManager,
     CorruptCheckpoint,
     IncompatibleCheckpoint,
+    WeightsOnlyCheckpoint,
     collect_state,
     init_phase2,
     read_ledger,
@@ -572,3 +573,105 @@ def test_load_weights_rejects_unknown_source():
 
     with pytest.raises(TypeError, match="load_weights source must be"):
         load_weights(_model(), {"model_weights": [1, 2]})
+
+
+# ----- best.pt is weights-only -----
+def _break_full_files(d):
+    """latest.pt and every epoch file unusable (a torn disk): only best.pt is left."""
+    for p in [d / "latest.pt", *d.glob("epoch_*.pt")]:
+        p.write_bytes(p.read_bytes()[:100])
+
+
+def _stepped():
+    """A model and its AdamW after one step (the optimizer holds moments)."""
+    model = _model()
+    opt = _opt(model)
+    model(torch.randn(1, 3, 32, 32))["np"].mean().backward()
+    opt.step()
+    return model, opt
+
+
+def test_best_is_weights_only_latest_and_epoch_files_are_full(tmp_path):
+    from cellseg.checkpoint.sidecar import read_payload
+
+    d = tmp_path / "phase1"
+    model, opt = _stepped()
+    CheckpointManager(d, phase=1).save(_state(model, _progress(1, best=0.5, best_epoch=1), opt), epoch_end=True,
+                                       is_best=True)
+    best, latest = read_payload(d / "best.pt"), read_payload(d / "latest.pt")
+    assert best["contents"] == "weights" and latest["contents"] == "full"
+    assert read_payload(d / "epoch_0001.pt")["contents"] == "full"
+    for key in ("optimizer", "optimizer_params", "scheduler", "scaler", "rng", "rng_ranks"):
+        assert best[key] is None, key
+    assert latest["optimizer"]["state"] and isinstance(latest["rng"], dict)
+    assert best["progress"] == latest["progress"] and best["arch"] == latest["arch"]
+    assert all(torch.equal(best["model"][k], v) for k, v in latest["model"].items())
+    side_b, side_l = read_sidecar(d / "best.pt"), read_sidecar(d / "latest.pt")
+    assert (side_b["contents"], side_l["contents"]) == ("weights", "full")
+    assert side_b["size"] == (d / "best.pt").stat().st_size < side_l["size"] and side_b["sha256"] != side_l["sha256"]
+    assert side_b["manifest"] == side_l["manifest"]
+    save = [r for r in read_ledger(d) if r["event"] == "save"][-1]
+    assert save["best_sha256"] == side_b["sha256"] and save["best_size"] == side_b["size"]
+
+
+def test_auto_resume_refuses_to_continue_from_weights_only_best(tmp_path, logs):
+    d = tmp_path / "phase1"
+    _run_epochs(d, 2)
+    _break_full_files(d)
+    names = sorted(p.name for p in d.iterdir())
+    model = _model(seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WeightsOnlyCheckpoint) as e:
+        _resume(d, model=model, optimizer=_opt(model))
+    text = str(e.value)
+    for part in ("best.pt (epoch 2, step 20), which holds weights only", "latest.pt: truncated",
+                 "epoch_0002.pt: truncated", "epoch_0001.pt: truncated", f"RESUME={str(d / 'best.pt')!r}",
+                 "fresh optimizer", "RESUME='never'"):
+        assert part in text, part
+    assert e.value.path == d / "best.pt" and len(e.value.rejected) == 3
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # nothing loaded
+    assert sorted(p.name for p in d.iterdir()) == names  # nothing moved aside
+    refuse = [r for r in read_ledger(d) if r["event"] == "refuse"]
+    assert refuse and refuse[-1]["reason"] == "weights only" and refuse[-1]["file"].endswith("best.pt")
+    assert not any(r["event"] in ("fresh_start", "load") for r in read_ledger(d))
+
+
+def test_explicit_resume_from_weights_only_best_continues_loudly(tmp_path, logs):
+    d = tmp_path / "phase1"
+    _run_epochs(d, 2)
+    _break_full_files(d)
+    model = _model(seed=5)
+    opt = _opt(model)
+    torch.manual_seed(7)
+    progress, model, mgr = _resume(d, str(d / "best.pt"), model=model, optimizer=opt)
+    assert progress["epoch"] == 2 and _marked(model) == 2.0 and mgr.resumed_from == d / "best.pt"
+    assert not opt.state_dict()["state"]  # fresh AdamW
+    text = logs()
+    assert "weights-only checkpoint" in text and "FRESH optimizer" in text and "RESTARTED" in text
+    assert "no RNG states (weights only)" in text
+    event = [r for r in read_ledger(d) if r["event"] == "weights_only_resume"]
+    assert event and event[0]["epoch"] == 2
+
+
+def test_best_written_as_a_full_copy_by_earlier_versions_still_resumes(tmp_path):
+    """Before best.pt was weights-only it was a byte copy of latest.pt with a sidecar without 'contents'."""
+    import shutil
+
+    d = tmp_path / "phase1"
+    model, opt = _stepped()
+    _mark(model, 3.0)
+    CheckpointManager(d, phase=1).save(_state(model, _progress(3, best=0.5, best_epoch=3), opt), epoch_end=False,
+                                       is_best=True)
+    shutil.copyfile(d / "latest.pt", d / "best.pt")
+    side = json.loads(sidecar_path(d / "latest.pt").read_text())
+    del side["contents"]
+    side["file"] = "best.pt"
+    sidecar_path(d / "best.pt").write_text(json.dumps(side))
+    (d / "latest.pt").write_bytes(b"torn")
+    again = _model(seed=5)
+    opt2 = _opt(again)
+    progress, again, mgr = _resume(d, model=again, optimizer=opt2)  # 'auto': latest.pt torn -> the full best.pt
+    assert progress["epoch"] == 3 and _marked(again) == 3.0 and mgr.resumed_from == d / "best.pt"
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[i]["exp_avg"], s2[i]["exp_avg"]) for i in s1)
+    assert not any(r["event"] in ("refuse", "weights_only_resume") for r in read_ledger(d))

@@ -52,12 +52,15 @@ def test_inspect_json(vit_ckpt, capsys):
     assert info["monitor"]["metric"] == "pq" and info["monitor"]["best"] == 0.5
     assert info["arch"]["encoder"] == "test_vit" and info["lora"] is None
     assert info["tensors"] > 100 and info["parameters"] > 0 and len(info["sha256"]) == 64
+    assert info["contents"] == ("weights" if vit_ckpt.name == "best.pt" else "full")
 
 
 def test_inspect_text_and_directory(vit_ckpt, capsys):
     assert ckpt.main(["ckpt", "inspect", str(vit_ckpt.parent)]) == 0
     out = capsys.readouterr().out
     assert out.count("sidecar:      ok") == 3  # latest, epoch_0002, best
+    assert out.count("contents:     full (weights + optimizer") == 2  # latest, epoch_0002
+    assert out.count("contents:     weights only") == 1  # best
     assert "encoder 'test_vit'" in out and "LoRA:         none" in out
 
 
@@ -81,6 +84,7 @@ def test_inspect_without_sidecar_reads_payload(tmp_path, capsys):
     assert ckpt.main(["ckpt", "inspect", str(path), "--json"]) == 1  # cannot be verified
     info = json.loads(capsys.readouterr().out)
     assert info["payload"].startswith("readable") and info["epoch"] == 2 and info["arch"]["encoder"] == "test_vit"
+    assert info["contents"] == "full"
 
 
 def test_check_resnet50_against_efficientnet_b4_fails_with_both_ways_out(resnet_ckpt, params, capsys):

@@ -17,6 +17,7 @@ from scipy import ndimage as ndi
 from cellseg.data import (
     DataValidationError,
     bccd,
+    bccd_pin,
     load_manifest,
     load_sample,
     prepare_dataset,
@@ -303,8 +304,13 @@ def test_download_unpacks_the_archive(
     names = {"train": ["BloodImage_00000"], "val": ["BloodImage_00001"], "test": ["BloodImage_00003"]}
     _zip_subset(bccd_root, tmp_path / "master.zip", names)
     monkeypatch.setattr(bccd, "BCCD_URL", (tmp_path / "master.zip").as_uri())
-    # the pinned hash is checked before unpacking: pin this archive's
-    monkeypatch.setattr(bccd, "BCCD_ARCHIVE_SHA256", hashlib.sha256((tmp_path / "master.zip").read_bytes()).hexdigest())
+    # every unpacked file is checked against the pinned manifest: pin this subset's (the real one in test_data_fetch)
+    with zipfile.ZipFile(tmp_path / "master.zip") as zf:
+        zf.extractall(tmp_path / "subset")
+    manifest = tmp_path / "subset.tsv"
+    monkeypatch.setattr(bccd_pin, "BCCD_MANIFEST_SHA256",
+                        bccd_pin.write_manifest(tmp_path / "subset" / "BCCD_Dataset-master" / "BCCD", manifest))
+    monkeypatch.setattr(bccd_pin, "BCCD_MANIFEST", manifest)
     manifest = prepare_dataset("bccd", tmp_path / "data" / "BCCD", tmp_path / "cache", progress=False)
     assert (tmp_path / "data" / "BCCD" / "JPEGImages" / "BloodImage_00000.jpg").exists()
     assert manifest["splits"] == {k: v for k, v in names.items()}

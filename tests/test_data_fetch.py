@@ -1,4 +1,6 @@
-"""`cellseg data fetch`: archives served over HTTP on 127.0.0.1, verified by SHA-256 before anything is unpacked."""
+"""`cellseg data fetch` / `cellseg data verify`: archives served over HTTP on 127.0.0.1. BCCD is pinned by the
+SHA-256 of each of its files (the archive is built here from the real files, as GitHub would serve the pinned commit);
+the DSB2018 wheel by its own SHA-256, checked before anything is unpacked."""
 
 from __future__ import annotations
 
@@ -7,25 +9,41 @@ import hashlib
 import http.server
 import threading
 import zipfile
+from pathlib import Path
 
 import pytest
 
 from cellseg.cli import main as cli_main
-from cellseg.data import bccd
+from cellseg.data import bccd, bccd_pin
 from cellseg.data import fetch as fetch_mod
 from cellseg.data.download import ChecksumError, download_verified
 
+ALTERED = "Annotations/BloodImage_00007.xml"
+
+
+def _bccd_zip(real: Path, path: Path, *, alter: str | None = None, drop: str | None = None,
+              add: str | None = None) -> None:
+    """A GitHub-style archive of the pinned commit from the real files (one altered/dropped/added on request)."""
+    top = f"BCCD_Dataset-{bccd.BCCD_COMMIT}/"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(top + "README.md", "upstream readme")
+        for rel in bccd_pin.load_manifest():
+            if rel == drop:
+                continue
+            data = (real / rel).read_bytes()
+            zf.writestr(top + "BCCD/" + rel, data + b"\n<!-- edited -->" if rel == alter else data)
+        if add:
+            zf.writestr(top + "BCCD/" + add, "not upstream")
+
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A local HTTP server over a folder of archives: a BCCD-like GitHub archive and a StarDist-like wheel."""
+def served(tmp_path_factory, bccd_root):
+    """A local HTTP server over a folder of archives: BCCD archives (the pinned content, one file altered, one
+    missing plus one extra) and a StarDist-like wheel."""
     root = tmp_path_factory.mktemp("www")
-    with zipfile.ZipFile(root / "bccd.zip", "w") as zf:
-        top = f"BCCD_Dataset-{bccd.BCCD_COMMIT}/"
-        zf.writestr(top + "README.md", "upstream readme")
-        zf.writestr(top + "BCCD/Annotations/BloodImage_00000.xml", "<annotation/>")
-        zf.writestr(top + "BCCD/JPEGImages/BloodImage_00000.jpg", b"\xff\xd8fake")
-        zf.writestr(top + "BCCD/ImageSets/Main/train.txt", "BloodImage_00000\n")
+    _bccd_zip(bccd_root, root / "bccd.zip")
+    _bccd_zip(bccd_root, root / "bccd-altered.zip", alter=ALTERED)
+    _bccd_zip(bccd_root, root / "bccd-odd.zip", drop="JPEGImages/BloodImage_00001.jpg", add="ImageSets/Main/x.txt")
     with zipfile.ZipFile(root / "stardist.whl", "w") as zf:
         zf.writestr("stardist/data/images/img2d.tif", b"image bytes")
         zf.writestr("stardist/data/images/mask2d.tif", b"mask bytes")
@@ -35,42 +53,102 @@ def served(tmp_path_factory):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
-    yield {name: (f"{base}/{name}", hashlib.sha256((root / name).read_bytes()).hexdigest())
-           for name in ("bccd.zip", "stardist.whl")}
+    yield {p.name: (f"{base}/{p.name}", hashlib.sha256(p.read_bytes()).hexdigest()) for p in root.iterdir()}
     server.shutdown()
 
 
-def test_fetch_bccd_verifies_and_lays_out_data_root(served, tmp_path, capsys):
-    url, sha = served["bccd.zip"]
-    code = cli_main(["data", "fetch", "bccd", str(tmp_path / "BCCD"), "--url", url, "--sha256", sha])
+def test_fetch_bccd_verifies_every_file_and_lays_out_data_root(served, bccd_root, tmp_path, capsys):
+    url, _ = served["bccd.zip"]
+    code = cli_main(["data", "fetch", "bccd", str(tmp_path / "BCCD"), "--url", url])
     assert code == 0, capsys.readouterr().err
-    assert (tmp_path / "BCCD/Annotations/BloodImage_00000.xml").read_text() == "<annotation/>"
-    assert (tmp_path / "BCCD/ImageSets/Main/train.txt").exists()
-    assert not (tmp_path / "BCCD/README.md").exists()  # only the BCCD/ folder becomes DATA_ROOT
-    assert f"bccd: ready at {tmp_path / 'BCCD'}" in capsys.readouterr().out
-    # a second fetch finds it in place and downloads nothing (the URL is unreachable now)
-    assert cli_main(["data", "fetch", "bccd", str(tmp_path / "BCCD"), "--url", "http://127.0.0.1:9/x.zip"]) == 0
-
-
-def test_fetch_bccd_refuses_a_different_archive_and_unpacks_nothing(served, tmp_path, capsys):
-    url, sha = served["bccd.zip"]
-    wrong = "0" * 64
-    code = cli_main(["data", "fetch", "bccd", str(tmp_path / "BCCD"), "--url", url, "--sha256", wrong])
+    out = tmp_path / "BCCD"
+    assert (out / ALTERED).read_bytes() == (bccd_root / ALTERED).read_bytes()
+    assert len(list((out / "JPEGImages").glob("*.jpg"))) == 364 and (out / "ImageSets/Main/train.txt").exists()
+    assert not (out / "README.md").exists()  # only the BCCD/ folder becomes DATA_ROOT
+    assert not (out / bccd_pin.UNVERIFIED_MARKER).exists()
+    assert f"bccd: ready at {out}" in capsys.readouterr().out
+    # a second fetch finds it in place, checks it and downloads nothing (the URL is unreachable now)
+    assert cli_main(["data", "fetch", "bccd", str(out), "--url", "http://127.0.0.1:9/x.zip"]) == 0
+    # ... unless the folder was changed since
+    (out / ALTERED).write_text("<annotation/>")
+    assert cli_main(["data", "fetch", "bccd", str(out), "--url", "http://127.0.0.1:9/x.zip"]) == 1
     err = capsys.readouterr().err
-    assert code == 1
-    assert f"has SHA-256 {sha}, expected {wrong}" in err and "Nothing was unpacked" in err
-    assert "cellseg data fetch bccd" in err  # what to do
-    assert not (tmp_path / "BCCD").exists()
+    assert f"1 with other content: {ALTERED}" in err and "nothing was downloaded" in err
 
 
-def test_unpinned_hash_is_refused_with_the_hash_to_pin(served, tmp_path, monkeypatch):
-    url, sha = served["bccd.zip"]
-    monkeypatch.setattr(bccd, "BCCD_ARCHIVE_SHA256", None)
-    with pytest.raises(fetch_mod.FetchError, match=f"has SHA-256 {sha}, but no hash is pinned"):
+def test_fetch_bccd_refuses_an_altered_file_naming_it_and_moves_nothing(served, tmp_path, capsys):
+    url, sha = served["bccd-altered.zip"]
+    assert cli_main(["data", "fetch", "bccd", str(tmp_path / "BCCD"), "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert f"1 with other content: {ALTERED}" in err and f"Nothing was moved to {tmp_path / 'BCCD'}" in err
+    assert "--no-verify" in err and "cellseg data fetch bccd" in err  # what to do
+    assert not (tmp_path / "BCCD").exists() and not list(tmp_path.glob(".BCCD.fetch-*"))  # staging removed
+    # the archive's own hash given as --sha256 does not replace the content check
+    assert cli_main(["data", "fetch", "bccd", str(tmp_path / "BCCD"), "--url", url, "--sha256", sha]) == 1
+    assert ALTERED in capsys.readouterr().err and not (tmp_path / "BCCD").exists()
+
+
+def test_fetch_bccd_names_missing_and_extra_files(served, tmp_path):
+    url, _ = served["bccd-odd.zip"]
+    with pytest.raises(fetch_mod.FetchError) as e:
         fetch_mod.fetch_bccd(tmp_path / "BCCD", url=url)
-    with pytest.raises(ChecksumError, match="set cellseg.data.bccd.BCCD_ARCHIVE_SHA256 = "):
-        download_verified(url, tmp_path / "a.zip", None, what="the BCCD archive",
-                          pin_name="cellseg.data.bccd.BCCD_ARCHIVE_SHA256")
+    text = str(e.value)
+    assert "1 missing: JPEGImages/BloodImage_00001.jpg" in text
+    assert "1 not in the pinned dataset: ImageSets/Main/x.txt" in text
+    report = e.value.__cause__.__cause__.report
+    assert (report.missing, report.extra, report.different) == (["JPEGImages/BloodImage_00001.jpg"],
+                                                                ["ImageSets/Main/x.txt"], [])
+
+
+def test_no_verify_moves_differing_data_in_place_marked_unverified(served, tmp_path, capsys, caplog):
+    url, _ = served["bccd-altered.zip"]
+    out = tmp_path / "BCCD"
+    with caplog.at_level("WARNING", logger="cellseg"):
+        assert cli_main(["data", "fetch", "bccd", str(out), "--url", url, "--no-verify"]) == 0
+    assert "does NOT match the pinned dataset" in caplog.text
+    marker = (out / bccd_pin.UNVERIFIED_MARKER).read_text()
+    assert marker.startswith("UNVERIFIED") and ALTERED in marker and url in marker
+    capsys.readouterr()
+    assert cli_main(["data", "verify", "bccd", str(out)]) == 1  # still not the pinned data
+    err = capsys.readouterr().err
+    assert ALTERED in err and "is not the pinned BCCD dataset" in err
+    assert cli_main(["data", "fetch", "dsb2018-tile", str(tmp_path / "d"), "--no-verify"]) == 2
+    assert "--no-verify applies to bccd only" in capsys.readouterr().err
+
+
+def test_verify_an_existing_folder(bccd_root, tmp_path, capsys):
+    assert cli_main(["data", "verify", "bccd", str(bccd_root)]) == 0
+    assert f"bccd: {bccd_root}: all 732 files match the pinned manifest" in capsys.readouterr().out
+    assert cli_main(["data", "verify", "bccd", str(tmp_path / "nowhere")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    assert cli_main(["data", "verify", "dsb2018-tile", str(tmp_path)]) == 1
+    assert "img2d.tif: missing" in capsys.readouterr().err
+    with pytest.raises(fetch_mod.FetchError, match="unknown dataset 'nope'"):
+        fetch_mod.verify("nope", tmp_path)
+
+
+def test_the_manifest_is_pinned_by_its_own_hash(tmp_path):
+    manifest = bccd_pin.load_manifest()
+    assert len(manifest) == 732 and sum(k.startswith("JPEGImages/") for k in manifest) == 364
+    assert all(len(sha) == 64 and size > 0 for sha, size in manifest.values())
+    edited = tmp_path / "m.tsv"
+    edited.write_text(bccd_pin.BCCD_MANIFEST.read_text().replace("\t4791\n", "\t4792\n", 1))
+    with pytest.raises(ValueError, match="it was edited"):
+        bccd_pin.load_manifest(edited)
+    with pytest.raises(ValueError, match="is missing"):
+        bccd_pin.load_manifest(tmp_path / "gone.tsv")
+    edited.write_text("a\tb\n")
+    with pytest.raises(ValueError, match="m.tsv:1: expected"):
+        bccd_pin.load_manifest(edited, sha256=bccd_pin.sha256_file(edited))
+
+
+def test_archive_hash_mismatch_is_refused(served, tmp_path):
+    url, sha = served["bccd.zip"]
+    with pytest.raises(ChecksumError, match=f"has SHA-256 {sha}, expected {'0' * 64}"):
+        download_verified(url, tmp_path / "a.zip", "0" * 64, what="the BCCD archive", pin_name="--sha256")
+    with pytest.raises(ChecksumError, match="no hash is pinned"):
+        download_verified(url, tmp_path / "a.zip", None, what="the StarDist wheel",
+                          pin_name="cellseg.data.fetch.STARDIST_WHEEL_SHA256")
 
 
 def test_fetch_bccd_refuses_a_non_empty_folder_and_an_unreachable_url(tmp_path, capsys):

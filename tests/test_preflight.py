@@ -156,6 +156,18 @@ def test_changed_scheduler_and_corrupt_sidecar(setup, capsys):
     assert "resumes from" in out and "epoch_0001.pt" in out
 
 
+def test_auto_resume_landing_on_weights_only_best_is_a_problem(setup, capsys):
+    path, values = setup
+    best = save_checkpoint(values, 1)
+    for name in ("latest.pt", "epoch_0001.pt"):
+        sidecar_path(best.with_name(name)).unlink()
+    code, out = run(capsys, "-f", str(path), "--skip-steps")
+    assert code == EXIT_PROBLEMS, out
+    assert f"RESUME='auto' stops: {best} is the only checkpoint left and it holds weights only" in out
+    code, out = run(capsys, "-f", str(path), "-p", "RESUME", str(best), "--skip-steps")
+    assert code == EXIT_OK and f"resumes from {best}" in out
+
+
 def test_explicitly_named_checkpoints(setup, capsys):
     path, values = setup
     best = save_checkpoint(values, 1)

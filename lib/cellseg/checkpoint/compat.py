@@ -124,3 +124,23 @@ def explain(path: str | Path, differences: list[str], plan: LoadPlan, *, checkpo
         lines.append(detail)
     lines.append(ways_out(checkpoint_dir, needs_merge=bool(plan.needs_merge)))
     return "\n".join(lines)
+
+
+def describe_optimizer_change(saved: list[list[str]], now: list[list[str]]) -> str:
+    """Why a checkpoint's optimizer state cannot be restored: the trained parameters (canonical names per group)
+    differ from those the parameters build now."""
+    if len(saved) != len(now):
+        return (f"optimizer parameter groups differ: the checkpoint has {len(saved)} groups {[len(g) for g in saved]}, "
+                f"the parameters build {len(now)} {[len(g) for g in now]}")
+    flat_s = {n for g in saved for n in g}
+    flat_n = {n for g in now for n in g}
+    lines = [f"optimizer parameters differ (sizes per group: checkpoint {[len(g) for g in saved]}, now "
+             f"{[len(g) for g in now]}); optimizer state is matched by position, so it cannot be restored"]
+    gone, new = sorted(flat_s - flat_n), sorted(flat_n - flat_s)
+    if gone:
+        lines.append(describe_keys("trained in the checkpoint, not now", gone))
+    if new:
+        lines.append(describe_keys("trained now, not in the checkpoint", new))
+    if not gone and not new:
+        lines.append("  same parameters in a different order or grouping")
+    return "\n".join(lines)

@@ -2,8 +2,8 @@
 
 The file is for sharing, prediction and evaluation on machines without the gated base weights file. It holds the
 network (canonical keys), the architecture fingerprint (LoRA removed when merged), the resolved parameters and the
-progress counters, no optimizer or RNG state: it cannot be resumed (``RESUME`` rejects it as "not a training
-checkpoint"), but ``INIT_FROM``, ``EVAL_CHECKPOINT`` and :func:`cellseg.checkpoint.load_weights` accept it. It is
+progress counters, no optimizer or RNG state (``contents='weights'``, like ``best.pt``): ``RESUME='auto'`` never
+continues from it, but ``INIT_FROM``, ``EVAL_CHECKPOINT`` and :func:`cellseg.checkpoint.load_weights` accept it. It is
 written atomically with its sidecar, like every checkpoint. Mind the licence of the base weights (UNI: CC-BY-NC-ND
 4.0) before sharing a file that contains them.
 """
@@ -18,6 +18,7 @@ import torch
 
 from cellseg.checkpoint.atomic import commit, fsync_dir, open_temp
 from cellseg.checkpoint.base import base_tensors, resolve_base_file
+from cellseg.checkpoint.contents import WEIGHTS
 from cellseg.checkpoint.keys import canonicalize, lora_prefixes_from_keys, manifest
 from cellseg.checkpoint.layout import default_code_version
 from cellseg.checkpoint.ledger import now_iso
@@ -89,6 +90,7 @@ def export_checkpoint(source: str | Path, out: str | Path, *, merge: bool = True
             arch["lora"] = None
     exported = {
         "format_version": FORMAT_VERSION,
+        "contents": WEIGHTS,
         "phase": payload.get("phase"),
         "model": state,
         "arch": arch or None,

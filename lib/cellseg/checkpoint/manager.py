@@ -2,7 +2,9 @@
 
 ``CHECKPOINT_DIR/phase{N}/`` holds ``latest.pt`` (every epoch and every ``SAVE_EVERY_STEPS`` steps), ``best.pt``
 (only on improvement, never replaced by a worse metric), ``epoch_XXXX.pt`` (the last ``KEEP_LAST``), a JSON sidecar
-next to each and the append-only ``ledger.jsonl``. Known failures elsewhere that this avoids: CellViT's resume retrains
+next to each and the append-only ``ledger.jsonl``. ``latest.pt`` and the epoch files are full (exact resume needs the
+optimizer, scheduler and RNG states); ``best.pt`` is weights-only (``contents='weights'``: what evaluation, prediction
+and Phase 2 read), which makes a compact UNI ``best.pt`` the decoder's size instead of three times it. Known failures elsewhere that this avoids: CellViT's resume retrains
 the last finished epoch; Lightning saves inside the signal handler and its ``last.ckpt`` can silently equal ``best``;
 detectron2 keeps the best metric in memory only, so the first evaluation after a resume overwrites ``model_best``;
 Accelerate resumes the highest-numbered folder without checking it is complete.
@@ -24,7 +26,16 @@ from torch import nn
 
 from cellseg.checkpoint.atomic import commit, copy_to_temp, fsync_dir, open_temp, remove_stale_temps
 from cellseg.checkpoint.base import full_manifest
-from cellseg.checkpoint.compat import IncompatibleCheckpoint, describe_keys, ways_out
+from cellseg.checkpoint.compat import IncompatibleCheckpoint, describe_optimizer_change, ways_out
+from cellseg.checkpoint.contents import (
+    FULL,
+    WEIGHTS,
+    LandedOnWeights,
+    WeightsOnlyCheckpoint,
+    contents_of,
+    refusal,
+    weights_only,
+)
 from cellseg.checkpoint.layout import (
     BEST,
     LATEST,
@@ -101,8 +112,9 @@ class CheckpointManager:
     # ----- saving -----
     def save(self, state: dict | None, *, epoch_end: bool, is_best: bool, reason: str = "epoch") -> None:
         """Write ``latest.pt`` (always), ``epoch_XXXX.pt`` (when ``epoch_end``; older ones beyond ``keep_last`` are
-        pruned) and ``best.pt`` (when ``is_best`` and not worse than the stored best), each atomically with its
-        sidecar; then a ledger line. Non-main ranks only wait at the barrier (``state`` may be None there).
+        pruned) and ``best.pt`` (when ``is_best`` and not worse than the stored best; weights only, see
+        :mod:`cellseg.checkpoint.contents`), each atomically with its sidecar; then a ledger line. Non-main ranks
+        only wait at the barrier (``state`` may be None there).
 
         Raises:
             ValueError: ``state`` is missing on the main rank or belongs to another phase.
@@ -134,6 +146,8 @@ class CheckpointManager:
         if is_best:
             if self._best_allowed(progress):
                 targets.append(BEST)
+        if state.get("contents") != FULL:
+            state = {**state, "contents": FULL}  # latest.pt and the epoch files: everything an exact resume needs
         mani = full_manifest(state)  # the whole network, base weights included: what compatibility is checked on
         temps: list[Path] = []
         try:
@@ -142,13 +156,23 @@ class CheckpointManager:
                 torch.save(state, writer)
             sha, size = writer.sha256, writer.size
             payload_tmp = {LATEST: tmp}
+            written = {name: (state, sha, size) for name in targets}
             for name in targets[1:]:
+                if name == BEST:  # weights only: evaluation, prediction and Phase 2 never read the optimizer state
+                    light = weights_only(state)
+                    with open_temp(self.path(BEST)) as (bw, btmp):
+                        temps.append(btmp)
+                        torch.save(light, bw)
+                    payload_tmp[BEST] = btmp
+                    written[BEST] = (light, bw.sha256, bw.size)
+                    continue
                 payload_tmp[name] = copy_to_temp(tmp, self.path(name))
                 temps.append(payload_tmp[name])
             stamp = now_iso()
             side_tmp = {}
             for name in targets:
-                side = build_sidecar(payload=state, manifest=mani, sha256=sha, size=size, file_name=name,
+                payload, f_sha, f_size = written[name]
+                side = build_sidecar(payload=payload, manifest=mani, sha256=f_sha, size=f_size, file_name=name,
                                      parent=self.parent, code_version=self.code_version, reason=reason, time=stamp)
                 with open_temp(sidecar_path(self.path(name))) as (w, stmp):
                     temps.append(stmp)
@@ -169,11 +193,13 @@ class CheckpointManager:
         pruned = self._prune() if epoch_end else []
         seconds = time.perf_counter() - t0
         self.parent = {"path": str(self.path(LATEST)), "sha256": sha}
+        best = {"best_sha256": written[BEST][1], "best_size": written[BEST][2]} if BEST in written else {}
         self.ledger_event("save", files=targets, reason=reason, epoch=progress.get("epoch"), step=progress.get("step"),
-                          batch_in_epoch=progress.get("batch_in_epoch"), sha256=sha, size=size,
+                          batch_in_epoch=progress.get("batch_in_epoch"), sha256=sha, size=size, **best,
                           seconds=round(seconds, 3), pruned=[p.name for p in pruned])
-        log.info("saved %s at epoch %s step %s (%s, %.1f MB, %.2f s)", " + ".join(targets), progress.get("epoch"),
-                 progress.get("step"), reason, size / 1e6, seconds)
+        log.info("saved %s at epoch %s step %s (%s, %.1f MB%s, %.2f s)", " + ".join(targets), progress.get("epoch"),
+                 progress.get("step"), reason, size / 1e6,
+                 f"; best.pt weights only, {best['best_size'] / 1e6:.1f} MB" if best else "", seconds)
 
     def _best_allowed(self, progress: dict) -> bool:
         """Belt and braces: refuse to replace ``best.pt`` with a worse monitored value than the one it holds."""
@@ -224,7 +250,9 @@ class CheckpointManager:
         None for a fresh start.
 
         'auto' tries latest -> epoch files (newest first) -> best; a missing, truncated/unreadable or hash-mismatched
-        file is rejected with its reason (logged, ledgered) and the next one is tried. An *incompatible* checkpoint is
+        file is rejected with its reason (logged, ledgered) and the next one is tried. Landing on a weights-only
+        ``best.pt`` is refused (:class:`WeightsOnlyCheckpoint`): continuing it needs an explicit ``RESUME=path``,
+        which restores weights and counters with a fresh optimizer and schedule and says so in the log and ledger. An *incompatible* checkpoint is
         an error, never a reason to fall back to an older one. With ``force_recreate`` an incompatible checkpoint
         instead sends every checkpoint of the phase aside (timestamped folder) and the run starts fresh; a compatible
         one is resumed as usual, so a requeued job that still carries FORCE_RECREATE=True does not lose its progress.
@@ -241,6 +269,7 @@ class CheckpointManager:
             IncompatibleCheckpoint: architecture, keys, optimizer parameters or scheduler differ (see the message).
             FileNotFoundError / CorruptCheckpoint: an explicit path that is missing or invalid.
             ValueError: an explicit path of the other phase, or an unknown mode.
+            WeightsOnlyCheckpoint: 'auto' found no usable full checkpoint, only a weights-only one.
         """
         if mode not in ("auto", "never") and not str(mode).endswith(".pt"):
             raise ValueError(f"RESUME must be 'auto', 'never' or a path to a .pt checkpoint, got {mode!r}.")
@@ -271,6 +300,11 @@ class CheckpointManager:
                     self.ledger_event("reject", file=str(path), reason=rejected[-1][1])
                     raise
                 continue
+            except LandedOnWeights as e:
+                unusable = [f"{p.name}: {r}" for p, r in rejected]
+                self.ledger_event("refuse", file=str(path), reason="weights only", rejected=unusable)
+                raise WeightsOnlyCheckpoint(refusal(self.directory, self.phase, path, e.side, unusable), path=path,
+                                            rejected=unusable) from None
             except IncompatibleCheckpoint as e:
                 self.ledger_event("reject", file=str(path), reason="incompatible", differences=e.differences)
                 if not force_recreate:
@@ -296,10 +330,18 @@ class CheckpointManager:
         path, payload, side, (restore_opt, restore_sched) = chosen
         if force_recreate:
             log.info("FORCE_RECREATE=True but %s fits the parameters: resuming it (RESUME='never' starts over)", path)
+        weights = contents_of(side if side is not None else payload) == WEIGHTS
         progress = self._apply(path, payload, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                strict=strict, merge_lora=merge_lora, ignore_network=ignore_network,
                                restore_optimizer=restore_opt, restore_scheduler=restore_sched, generators=generators)
         del payload
+        if weights:  # only ever an explicit RESUME=path (see _examine): said loudly, and kept in the ledger
+            log.warning("RESUME=%r is a weights-only checkpoint: continuing from its weights and counters (epoch %s, "
+                        "step %s) with a FRESH optimizer, the learning-rate schedule RESTARTED and the random streams "
+                        "as seeded; this run does not equal an uninterrupted one", str(path), progress.get("epoch"),
+                        progress.get("step"))
+            self.ledger_event("weights_only_resume", file=str(path), epoch=progress.get("epoch"),
+                              step=progress.get("step"))
         self._sync()
         for p, r in rejected:
             self.ledger_event("reject", file=str(p), reason=r)
@@ -343,8 +385,12 @@ class CheckpointManager:
             if identity is not None and isinstance(side.get("identity"), dict):  # refused before reading tensors
                 self._check_identity(side["identity"], identity, path, allow_changes)
             verify_file(path, side)
+            if require_sidecar and contents_of(side) == WEIGHTS:  # 'auto' never continues without the optimizer
+                raise LandedOnWeights(side)
         payload = read_payload(path)
-        missing = [k for k in ("progress", "rng") if not isinstance(payload.get(k), dict)]
+        # a weights-only file named explicitly continues with fresh optimizer/RNG; it still needs its counters
+        needed = ("progress",) if contents_of(side if side is not None else payload) == WEIGHTS else ("progress", "rng")
+        missing = [k for k in needed if not isinstance(payload.get(k), dict)]
         if missing:  # checked before anything is loaded: a resume is all or nothing
             raise CorruptCheckpoint(path, "incomplete payload", f"no {missing} entries: not a training checkpoint "
                                     "(weights only?); use it with INIT_FROM or load_weights instead")
@@ -392,7 +438,7 @@ class CheckpointManager:
             if optimizer is not None and saved is not None and restore_opt:
                 now = optimizer_param_names(optimizer, model)
                 if now != saved:
-                    problems.append(_describe_optimizer_change(saved, now))
+                    problems.append(describe_optimizer_change(saved, now))
                     restore_opt = False
         sched = meta.get("scheduler") or {}
         if scheduler is not None and sched.get("kind") is not None:
@@ -438,21 +484,3 @@ class CheckpointManager:
                             self.directory, dest)
             self.ledger_event("fresh_start", reason=why)
         log.warning("Phase %d: starting fresh from step 0: %s", self.phase, why)
-
-
-def _describe_optimizer_change(saved: list[list[str]], now: list[list[str]]) -> str:
-    if len(saved) != len(now):
-        return (f"optimizer parameter groups differ: the checkpoint has {len(saved)} groups {[len(g) for g in saved]}, "
-                f"the parameters build {len(now)} {[len(g) for g in now]}")
-    flat_s = {n for g in saved for n in g}
-    flat_n = {n for g in now for n in g}
-    lines = [f"optimizer parameters differ (sizes per group: checkpoint {[len(g) for g in saved]}, now "
-             f"{[len(g) for g in now]}); optimizer state is matched by position, so it cannot be restored"]
-    gone, new = sorted(flat_s - flat_n), sorted(flat_n - flat_s)
-    if gone:
-        lines.append(describe_keys("trained in the checkpoint, not now", gone))
-    if new:
-        lines.append(describe_keys("trained now, not in the checkpoint", new))
-    if not gone and not new:
-        lines.append("  same parameters in a different order or grouping")
-    return "\n".join(lines)

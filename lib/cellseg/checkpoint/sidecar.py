@@ -54,6 +54,7 @@ def build_sidecar(*, payload: dict[str, Any], manifest: dict[str, list[int]], sh
     return {
         "format_version": payload.get("format_version", FORMAT_VERSION),
         "file": file_name,
+        "contents": payload.get("contents"),  # 'full' (resumable) or 'weights' (no optimizer/scheduler/RNG state)
         "phase": payload.get("phase"),
         "epoch": progress.get("epoch"),
         "step": progress.get("step"),

@@ -1,6 +1,9 @@
 """The checkpoint payload: network (canonical keys), optimizer, scheduler, GradScaler, progress counters, resolved
 parameters, RNG states and the architecture fingerprint, in plain types only.
 
+:func:`collect_state` returns a ``contents='full'`` payload (everything an exact resume needs); ``best.pt`` and
+exported files are weights-only (:mod:`cellseg.checkpoint.contents`).
+
 ``torch.load`` defaults to ``weights_only=True`` since torch 2.6, which refuses dataclasses, Namespaces and NumPy
 objects; NumPy's RNG state is therefore stored as lists, and NumPy scalars in metrics are turned into Python numbers.
 """
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from cellseg.checkpoint.base import split_base
+from cellseg.checkpoint.contents import FULL
 from cellseg.checkpoint.keys import canonical_param_names, canonical_state_dict, unwrap_model
 from cellseg.checkpoint.sidecar import FORMAT_VERSION
 
@@ -158,6 +162,7 @@ def collect_state(*, model: nn.Module, optimizer: torch.optim.Optimizer | None, 
         network, base = split_base(inner, network)
     payload = {
         "format_version": FORMAT_VERSION,
+        "contents": FULL,
         "phase": config.get("PHASE") if isinstance(config, dict) else None,
         "model": network,
         "base_weights": base,
@@ -207,8 +212,10 @@ def restore_training_state(payload: dict, *, optimizer: torch.optim.Optimizer | 
         if len(ranks) != world:
             notes.append(f"RNG states were saved by {len(ranks)} ranks, this run has {world}")
         restore_rng(ranks[rank], generators)
-    elif rank == 0:
+    elif rank == 0 and payload.get("rng") is not None:
         restore_rng(payload["rng"], generators)
+    elif rank == 0:
+        notes.append("the checkpoint has no RNG states (weights only): the random streams keep their seeded state")
     else:
         notes.append(f"rank {rank}: no saved RNG state for this rank; it keeps its seeded state")
     for n in notes:

@@ -60,6 +60,7 @@ def _sidecar_status(path: Path) -> tuple[str, dict | None]:
 def inspect_file(path: str | Path) -> dict:
     """What one checkpoint file holds, read from its sidecar (the payload only when the sidecar is missing)."""
     from cellseg.checkpoint.base import full_manifest
+    from cellseg.checkpoint.contents import contents_of
     from cellseg.checkpoint.sidecar import CorruptCheckpoint, read_payload
 
     path = Path(path)
@@ -76,7 +77,8 @@ def inspect_file(path: str | Path) -> dict:
             info["valid"] = False
             return info
         progress = payload.get("progress") or {}
-        meta = {"format_version": payload.get("format_version"), "phase": payload.get("phase"),
+        meta = {"format_version": payload.get("format_version"), "contents": contents_of(payload),
+                "phase": payload.get("phase"),
                 "epoch": progress.get("epoch"), "step": progress.get("step"),
                 "batch_in_epoch": progress.get("batch_in_epoch"),
                 "monitor": {**(progress.get("monitor") or {}), "best": progress.get("best_metric")},
@@ -84,6 +86,7 @@ def inspect_file(path: str | Path) -> dict:
                 "base_weights": payload.get("base_weights")}
         info["payload"] = "readable (no sidecar to verify it against)"
     if meta is not None:
+        info["contents"] = contents_of(meta)
         for key in ("format_version", "phase", "epoch", "step", "batch_in_epoch", "monitor", "arch", "lora",
                     "parent", "code_version", "time", "reason", "sha256", "base_weights"):
             if key in meta:
@@ -93,6 +96,10 @@ def inspect_file(path: str | Path) -> dict:
         info["parameters"] = int(sum(math.prod(s) for s in mani.values()))
     info["valid"] = status == "ok"
     return info
+
+
+_CONTENTS = {"full": "full (weights + optimizer, schedule, RNG: resumable exactly)",
+             "weights": "weights only (evaluation, prediction, INIT_FROM; RESUME='auto' does not continue from it)"}
 
 
 def _format_info(info: dict) -> str:
@@ -112,6 +119,7 @@ def _format_info(info: dict) -> str:
         f"{arch.get('encoder_channels')}), decoder '{arch.get('decoder')}' width {arch.get('decoder_width')}, "
         f"{arch.get('num_classes')} classes",
         f"  LoRA:         {lora if lora else 'none'}",
+        f"  contents:     {_CONTENTS.get(info.get('contents'), 'unknown')}",
         f"  tensors:      {info.get('tensors')} ({info.get('parameters', 0):,} values)",
     ]
     base = info.get("base_weights")

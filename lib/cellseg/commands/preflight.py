@@ -240,6 +240,7 @@ def _first_valid(paths: list[Path], report: Report, *, explicit: bool = False) -
 
 def check_checkpoints(cfg: Config, model: torch.nn.Module, report: Report) -> None:
     from cellseg.checkpoint import CheckpointManager
+    from cellseg.checkpoint.contents import contents_of
     from cellseg.checkpoint.manager import BEST, LATEST
 
     phase_dir = cfg.checkpoint_dir()
@@ -254,7 +255,12 @@ def check_checkpoints(cfg: Config, model: torch.nn.Module, report: Report) -> No
             report.problem("checkpoints", f"RESUME={cfg.RESUME!r}: no such file. Give an existing .pt file, 'auto' or "
                                           "'never'.")
         found = _first_valid(cands, report, explicit=explicit)
-        if found is not None:
+        if found is not None and not explicit and contents_of(found[1]) == "weights":
+            report.problem("checkpoints", f"RESUME='auto' stops: {found[0]} is the only checkpoint left and it holds "
+                                          "weights only (no optimizer or schedule state). Set RESUME to its path to "
+                                          "continue from it with a fresh optimizer, or RESUME='never' to start over.")
+            found = None
+        elif found is not None:
             resumed = found[0]
             issues = _checkpoint_problems(found[0], found[1], model, cfg, resume=True)
             if issues and cfg.FORCE_RECREATE:

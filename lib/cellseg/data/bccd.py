@@ -26,10 +26,7 @@ VOC coordinates are 1-based and inclusive; a box ``xmin..xmax`` covers the 0-bas
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import xml.etree.ElementTree as ET
-import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,7 +39,6 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import convex_hull_image
 from skimage.segmentation import watershed
 
-from cellseg.data.download import download_verified
 from cellseg.data.files import read_image
 from cellseg.data.sample import SPLITS
 from cellseg.data.validate import Problem
@@ -50,12 +46,11 @@ from cellseg.data.validate import Problem
 log = logging.getLogger(__name__)
 
 CLASS_NAMES: list[str] = ["RBC", "WBC", "Platelets"]
-# A pinned commit, not a branch: the data under a published result must not change. The archive's SHA-256 is the one
-# place its content is pinned; it could not be computed where this was written (no access to GitHub). Fill it from a
-# machine with internet: `curl -sL <BCCD_URL> | sha256sum`, after checking the unpacked folder (364 images).
+# A pinned commit, not a branch: the data under a published result must not change. Its content is pinned file by
+# file (cellseg.data.bccd_pin: bccd_manifest.tsv, 364 images), not by the archive's hash, which GitHub can change
+# by re-compressing the same commit.
 BCCD_COMMIT = "d272fb1"
 BCCD_URL = f"https://github.com/Shenggan/BCCD_Dataset/archive/{BCCD_COMMIT}.zip"
-BCCD_ARCHIVE_SHA256: str | None = None
 DOWNLOAD_TIMEOUT_S = 60.0
 # below this mask/box fill the segmentation is taken as failed; platelets are small in loose boxes
 MIN_FILL_BY_CLASS: dict[str, float] = {"RBC": 0.25, "WBC": 0.25, "Platelets": 0.05}
@@ -364,50 +359,32 @@ def _ensure_every_box(inst: np.ndarray, boxes: list[Box]) -> None:
 
 
 def download_bccd(data_root: Path, url: str | None = None, timeout: float = DOWNLOAD_TIMEOUT_S,
-                  sha256: str | None = None) -> None:
-    """Fetch the pinned BCCD repository archive, verify its SHA-256 and unpack its ``BCCD/`` folder as ``data_root``.
+                  sha256: str | None = None, verify: bool = True) -> None:
+    """Fetch the pinned BCCD repository archive, unpack its ``BCCD/`` folder and check every file against the pinned
+    manifest (:mod:`cellseg.data.bccd_pin`) before moving it to ``data_root``.
 
-    ``sha256`` defaults to ``BCCD_ARCHIVE_SHA256`` (also for another ``url``, e.g. a mirror of the same archive).
+    ``url`` another source of the same commit (a mirror); ``sha256`` also checks the archive's bytes; ``verify=False``
+    moves data that differs from the manifest into place anyway, marked ``UNVERIFIED.txt`` (loud warning).
 
     Raises:
-        FileNotFoundError: the download or the check failed; the message says why, what to download, from where
-            and where to put it.
+        FileNotFoundError: the download, unpacking or the content check failed; the message says why (the files
+            that differ, by name), what to download, from where and where to put it.
     """
+    from cellseg.data.bccd_pin import fetch_pinned_bccd
+
     url = url or BCCD_URL
-    sha256 = sha256 or BCCD_ARCHIVE_SHA256
     help_text = (
         f"BCCD is not at DATA_ROOT={data_root} and could not be downloaded from {url} ({{reason}}). On a login node "
         f"(with internet) run `cellseg data fetch bccd {data_root}`, or download {BCCD_URL} (commit {BCCD_COMMIT} of "
-        f"https://github.com/Shenggan/BCCD_Dataset) and copy its BCCD/ folder to {data_root}, so that "
+        f"https://github.com/Shenggan/BCCD_Dataset), copy its BCCD/ folder to {data_root}, so that "
         f"{data_root}/Annotations/BloodImage_00000.xml, {data_root}/JPEGImages/BloodImage_00000.jpg and "
-        f"{data_root}/ImageSets/Main/train.txt exist; or set DATA_ROOT to where that folder already is."
+        f"{data_root}/ImageSets/Main/train.txt exist, and check it with `cellseg data verify bccd {data_root}`; or "
+        "set DATA_ROOT to where that folder already is."
     )
-    data_root = Path(data_root)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            archive = Path(tmp) / "bccd.zip"
-            download_verified(url, archive, sha256, what="the BCCD archive",
-                              pin_name="cellseg.data.bccd.BCCD_ARCHIVE_SHA256", timeout=timeout)
-            with zipfile.ZipFile(archive) as zf:
-                members = [m for m in zf.namelist() if "/BCCD/" in f"/{m}"]
-                if not members:
-                    raise ValueError("the archive has no BCCD/ folder")
-                for member in members:
-                    rel = Path(f"/{member}".split("/BCCD/", 1)[1])
-                    if ".." in rel.parts or rel.is_absolute():
-                        raise ValueError(f"unsafe path in archive: {member}")
-                    target = Path(tmp) / "BCCD" / rel
-                    if member.endswith("/"):
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(member) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-            data_root.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(Path(tmp) / "BCCD"), str(data_root))
-    except Exception as e:  # URLError, timeouts, checksums, bad archives: all end in the same instructions
+        fetch_pinned_bccd(data_root, url, timeout=timeout, archive_sha256=sha256, verify=verify)
+    except Exception as e:  # URLError, timeouts, checksums, content, bad archives: all end in the same instructions
         raise FileNotFoundError(help_text.format(reason=f"{type(e).__name__}: {e}")) from e
-    log.info("BCCD unpacked to %s", data_root)
 
 
 def _load_bccd(image_path: Path, xml_path: Path, name: str) -> dict[str, Any]:

@@ -20,24 +20,35 @@ class ChecksumError(ValueError):
 
 
 
-def download_verified(url: str, dest: str | Path, sha256: str | None, *, what: str, pin_name: str,
-                      timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """Fetch ``url`` to ``dest`` and check it against ``sha256``.
-
-    Args:
-        what: the thing downloaded, for messages ("the BCCD archive").
-        pin_name: where the pinned hash lives (``cellseg.data.bccd.BCCD_ARCHIVE_SHA256``), named in messages.
+def fetch_url(url: str, dest: str | Path, *, what: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Download ``url`` to ``dest``, unchecked: the caller verifies the bytes (:func:`download_verified`) or the
+    unpacked content (:mod:`cellseg.data.bccd_pin`) before anything uses them.
 
     Raises:
-        ChecksumError: the file's hash differs from ``sha256``, or no hash is pinned (the message gives the file's
-            hash, so a maintainer with internet access can pin it after checking the content).
-        OSError: the download failed (URLError, timeouts) — the caller adds what to do offline.
+        OSError: the download failed (URLError, timeouts).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s from %s", what, url)
     with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as fh:
         shutil.copyfileobj(response, fh)
+    return dest
+
+
+def download_verified(url: str, dest: str | Path, sha256: str | None, *, what: str, pin_name: str,
+                      timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Fetch ``url`` to ``dest`` and check it against ``sha256``.
+
+    Args:
+        what: the thing downloaded, for messages ("the BCCD archive").
+        pin_name: where the pinned hash lives (``cellseg.data.fetch.STARDIST_WHEEL_SHA256``), named in messages.
+
+    Raises:
+        ChecksumError: the file's hash differs from ``sha256``, or no hash is pinned (the message gives the file's
+            hash, so a maintainer with internet access can pin it after checking the content).
+        OSError: the download failed (URLError, timeouts) — the caller adds what to do offline.
+    """
+    dest = fetch_url(url, dest, what=what, timeout=timeout)
     got = sha256_file(dest)
     if sha256 is None:
         raise ChecksumError(

@@ -1,7 +1,8 @@
 """``cellseg data fetch``: the public test datasets, pinned and verified, laid out as cellseg reads them.
 
-- ``bccd``: commit ``BCCD_COMMIT`` of Shenggan/BCCD_Dataset (a GitHub archive, SHA-256 ``BCCD_ARCHIVE_SHA256``),
-  its ``BCCD/`` folder unpacked as ``DIR`` (``DATASET='bccd'``, ``DATA_ROOT=DIR``).
+- ``bccd``: commit ``BCCD_COMMIT`` of Shenggan/BCCD_Dataset (a GitHub archive), its ``BCCD/`` folder unpacked as
+  ``DIR`` (``DATASET='bccd'``, ``DATA_ROOT=DIR``) once every file matches the pinned manifest
+  (:mod:`cellseg.data.bccd_pin`; GitHub may re-compress an archive, so the files are pinned, not the archive).
 - ``dsb2018-tile``: the 2D nuclei tile of the Data Science Bowl 2018 (``img2d.tif``, ``mask2d.tif``) that StarDist
   ships inside its wheel; the wheel comes from PyPI (pinned file and SHA-256), so any machine that can install
   packages can fetch it.
@@ -18,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 from cellseg.data import bccd
+from cellseg.data.bccd_pin import UNVERIFIED_MARKER, ContentMismatch, verify_bccd
 from cellseg.data.download import ChecksumError, download_verified, sha256_file
 
 log = logging.getLogger(__name__)
@@ -49,22 +51,61 @@ def is_fetched(name: str, target: str | Path) -> bool:
 
 
 def fetch_bccd(target: str | Path, *, url: str | None = None, sha256: str | None = None,
-               timeout: float = bccd.DOWNLOAD_TIMEOUT_S) -> Path:
-    """Download the pinned BCCD archive, verify it and unpack ``BCCD/`` as ``target``."""
+               timeout: float = bccd.DOWNLOAD_TIMEOUT_S, verify: bool = True) -> Path:
+    """Download the pinned BCCD archive, unpack ``BCCD/`` and move it to ``target`` once every file matches the
+    pinned manifest (``verify=False``: moved anyway, marked unverified). A folder already there is checked instead.
+
+    Raises:
+        FetchError: the folder holds something else or differs from the manifest, or the download/check failed.
+    """
     target = Path(target)
     if is_fetched("bccd", target):
-        log.info("BCCD is already at %s", target)
+        if (target / UNVERIFIED_MARKER).exists():
+            log.warning("BCCD at %s was fetched with --no-verify and differs from the pinned dataset (see %s)", target,
+                        target / UNVERIFIED_MARKER)
+            return target
+        try:
+            verify_bccd(target)
+        except ContentMismatch as e:
+            raise FetchError(f"{e} (it is already there, so nothing was downloaded)") from e
+        log.info("BCCD is already at %s (every file matches the pinned manifest)", target)
         return target
     if target.exists() and any(target.iterdir()):
         raise FetchError(f"{target} exists and is not empty but holds no BCCD layout ({', '.join(BCCD_LAYOUT)}); "
                          "choose an empty or new folder.")
     if target.exists():
-        target.rmdir()  # download_bccd moves the unpacked folder into place
+        target.rmdir()  # the verified folder is moved into place as a whole
     try:
-        bccd.download_bccd(target, url=url, timeout=timeout, sha256=sha256)
+        bccd.download_bccd(target, url=url, timeout=timeout, sha256=sha256, verify=verify)
     except FileNotFoundError as e:
         raise FetchError(str(e)) from e
     return target
+
+
+def verify(name: str, target: str | Path) -> str:
+    """Check a dataset folder already on disk against its pins; returns a one-line summary.
+
+    Raises:
+        FetchError: the folder is missing, differs (files named), or the dataset is unknown.
+    """
+    target = Path(target)
+    if name == "bccd":
+        try:
+            report = verify_bccd(target)
+        except (ContentMismatch, FileNotFoundError) as e:
+            raise FetchError(str(e)) from e
+        note = f"; but {UNVERIFIED_MARKER} is there from a --no-verify fetch" if (target / UNVERIFIED_MARKER).exists() \
+            else ""
+        return f"all {report.checked} files match the pinned manifest{note}"
+    if name == "dsb2018-tile":
+        bad = [f"{out}: {'missing' if not (target / out).is_file() else 'other content'}"
+               for out, expected in DSB2018_TILE_FILES.values()
+               if not (target / out).is_file() or sha256_file(target / out) != expected]
+        if bad:
+            raise FetchError(f"{target} is not the pinned DSB2018 tile ({'; '.join(bad)}). Fetch it again with "
+                             f"`cellseg data fetch dsb2018-tile NEW_DIR`.")
+        return "both files match their pinned SHA-256"
+    raise FetchError(f"unknown dataset '{name}': choose one of {list(DATASETS)}")
 
 
 def fetch_dsb2018_tile(target: str | Path, *, url: str = STARDIST_WHEEL_URL, sha256: str = STARDIST_WHEEL_SHA256,
