@@ -73,10 +73,10 @@ def run_model(run_dir: Path, params: dict, budget_min: float, reserve_min: float
 def mask_metrics(cache: Path, split: str, preds: dict[str, dict], class_names: list[str], diameter: float) -> dict:
     """The evaluation's own metrics (PQ, mPQ, AJI, confusion, ...) for predictions made outside the notebooks."""
     from cellseg.data import load_sample
-    from cellseg.evaluation import RADIUS_PER_DIAMETER
     from cellseg.metrics import image_stats, reduce_stats
+    from cellseg.metrics.detection import centroid_radius
 
-    radius = RADIUS_PER_DIAMETER * diameter
+    radius = centroid_radius(diameter)
     stats = []
     for name, pred in preds.items():
         s = load_sample(cache, split, name)
@@ -87,8 +87,10 @@ def mask_metrics(cache: Path, split: str, preds: dict[str, dict], class_names: l
 
 def model_predictions(run_dir: Path, names: list[str]) -> dict[str, dict]:
     from cellseg.data.safe_pickle import load_label_dict
+    from cellseg.eval_index import latest_eval_dir
 
-    return {n: load_label_dict(run_dir / "eval" / "predictions" / f"{n}.npy") for n in names}
+    folder = latest_eval_dir(run_dir) / "predictions"  # one folder per evaluated checkpoint and split
+    return {n: load_label_dict(folder / f"{n}.npy") for n in names}
 
 
 def bccd_boxes(root: Path):
@@ -197,8 +199,11 @@ def report(name: str, args, params: dict, run: dict, model_m: dict, base_m: dict
         lines += ["", "Mask-level confusion of the model (IoU > 0.5 matches; rows GT, columns prediction):", "",
                   "| GT \\ pred | " + " | ".join(conf["labels"]) + " |", "|" + "---|" * (len(conf["labels"]) + 1)]
         lines += [f"| {lab} | " + " | ".join(str(v) for v in row) + " |" for lab, row in zip(conf["labels"], conf["matrix"])]
+    from cellseg.eval_index import latest_eval_dir
+
+    eval_rel = latest_eval_dir(run_dir).relative_to(run_dir).as_posix()
     figs = [f for f in ("phase1/loss_curves.png", "phase1/val_curves.png", "phase1/class_f1_curves.png",
-                        "eval/overlays.png", "baseline_overlays.png") if (run_dir / f).exists()]
+                        f"{eval_rel}/overlays.png", "baseline_overlays.png") if (run_dir / f).exists()]
     lines += ["", "Figures (in the run folder `" + str(run_dir) + "`): " + ", ".join(f"`{f}`" for f in figs) + ".", ""]
     return "\n".join(lines)
 
@@ -239,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     from cellseg.config import parse_cli_value
     from cellseg.data import load_manifest
+    from cellseg.eval_index import latest_eval_dir
 
     config = args.config or str(ROOT / "configs" / f"bench_{args.dataset}_cpu.yaml")
     params = _load_yaml(config)
@@ -285,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     boxes_of = bccd_boxes(Path(params["DATA_ROOT"])) if args.dataset == "bccd" else None
     model_pred = model_predictions(run_dir, names)
     base_pred, base_info = run_baseline(args.dataset, cache, manifest, diameter, boxes_of)
-    model_m = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    model_m = json.loads((latest_eval_dir(run_dir) / "metrics.json").read_text())
     base_m = mask_metrics(cache, "test", base_pred, class_names, diameter)
     model_box = box_eval(model_pred, boxes_of, class_names) if boxes_of else None
     base_box = box_eval(base_pred, boxes_of, class_names) if boxes_of else None
