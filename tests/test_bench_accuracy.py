@@ -129,3 +129,30 @@ def test_plot_history_draws_per_class_f1(tmp_path):
                 "val": {"pq": 0.1 * e, "per_class": {"RBC": {"f1": 0.5}, "WBC": {"f1": None}}}} for e in range(3)]
     paths = plot_history(history, tmp_path)
     assert (tmp_path / "class_f1_curves.png") in paths and (tmp_path / "class_f1_curves.png").stat().st_size > 0
+
+
+def test_model_predictions_are_read_from_the_latest_evaluation_and_scored(tmp_path):
+    """The benchmark reads the notebooks' own evaluation folder (eval/<phase-checkpoint-split>/ named by eval/latest)
+    and scores predictions with the library's metrics: ground truth given back as prediction scores PQ 1."""
+    from accuracy import mask_metrics, model_predictions
+
+    from cellseg.data import load_manifest, load_sample, prepare_dataset
+    from cellseg.evaluation import save_prediction
+
+    cache = tmp_path / "cache"
+    prepare_dataset("synthetic", None, cache, synth_num_images=6, synth_image_size=64, test_fraction=0.34,
+                    progress=False)
+    manifest = load_manifest(cache)
+    names = list(manifest["splits"]["test"])
+    folder = tmp_path / "run" / "eval" / "phase1-best-test"
+    (folder / "predictions").mkdir(parents=True)
+    (tmp_path / "run" / "eval" / "latest").write_text("phase1-best-test\n")
+    for n in names:
+        s = load_sample(cache, "test", n)
+        n_inst = int(s["inst_map"].max())
+        save_prediction(folder / "predictions" / f"{n}.npy",
+                        {"inst_map": s["inst_map"], "type_map": s["type_map"], "scores": np.ones(n_inst)})
+    preds = model_predictions(tmp_path / "run", names)
+    assert sorted(preds) == sorted(names)
+    metrics = mask_metrics(cache, "test", preds, list(manifest["class_names"]), diameter=20.0)
+    assert metrics["pq"] == pytest.approx(1.0)
