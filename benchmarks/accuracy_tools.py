@@ -76,6 +76,34 @@ def prediction_boxes(inst_map: np.ndarray, type_map: np.ndarray, scores: np.ndar
     return boxes, classes, sc.astype(np.float64)
 
 
+def fit_box_margins(pairs, n_classes: int, min_iou: float = 0.3) -> dict[int, float]:
+    """Per class, the median margin (pixels, mean over the four sides) between an annotator's box and the bounding
+    box of the mask derived from it, over ``pairs`` of (inst_map, gt_boxes, gt_classes) of the training split. BCCD's
+    boxes are loose (platelet masks fill a median 37 % of their box), so a tight instance box misses IoU 0.5 on a
+    perfectly segmented platelet; growing it by this margin puts the model's boxes in the annotators' convention, as
+    the baseline's rule does with its own fitted margins."""
+    margins: dict[int, list[float]] = {c: [] for c in range(1, n_classes + 1)}
+    for inst_map, gt_boxes, gt_classes in pairs:
+        boxes, _ = instance_boxes(inst_map)
+        if not len(boxes) or not len(gt_boxes):
+            continue
+        iou = box_iou(boxes, gt_boxes)
+        for a, j in enumerate(iou.argmax(1)):
+            if iou[a, j] >= min_iou and int(gt_classes[j]) in margins:
+                b, g = boxes[a], gt_boxes[j]
+                margins[int(gt_classes[j])].append(float(np.mean([b[0] - g[0], b[1] - g[1], g[2] - b[2], g[3] - b[3]])))
+    return {c: round(float(np.median(v)), 2) if v else 0.0 for c, v in margins.items()}
+
+
+def grow_boxes(boxes: np.ndarray, classes: np.ndarray, margins: dict[int, float], shape: tuple[int, int]) -> np.ndarray:
+    """Boxes grown on every side by their class's margin, clipped to the image. Shape: (N, 4) -> (N, 4)."""
+    if not len(boxes):
+        return boxes
+    h, w = shape
+    m = np.array([margins.get(int(c), 0.0) for c in classes])[:, None] * np.array([-1.0, -1.0, 1.0, 1.0])
+    return np.clip(boxes + m, 0, [w, h, w, h])
+
+
 def _voc_ap(tp: np.ndarray, n_gt: int) -> float:
     if n_gt == 0:
         return float("nan")
