@@ -306,21 +306,29 @@ def test_class_weights_from_counts() -> None:
     assert class_weights_from_counts(np.zeros((3, 2))) == [1.0, 1.0, 1.0]
 
 
+def _one_image_cache(tmp_path: Path, class_names: list[str], labels: dict[str, np.ndarray]) -> Path:
+    """A folder dataset whose train, val and test splits each hold one black image with ``labels`` (inst_map,
+    type_map[, ignore_mask]), prepared into a cache; returns the cache folder."""
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in class_names))
+    h, w = labels["inst_map"].shape
+    for split in ("train", "val", "test"):
+        (root / split).mkdir()
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(root / split / f"{split}0.png")
+        np.save(root / split / f"{split}0.npy", labels)
+    prepare_dataset("folder", root, tmp_path / "cache", progress=False)
+    return tmp_path / "cache"
+
+
 def test_default_class_weights_come_from_pixel_frequencies(tmp_path: Path) -> None:
     """One big and one small cell per image (equal instance counts, 100x fewer pixels in the small class): pixel
     counts, which the per-pixel NC loss sees, give the small class sqrt(100) = 10; instance counts would give 1."""
     from cellseg.data.dataset import class_weights_from_counts
 
-    root = tmp_path / "src"
-    root.mkdir()
-    (root / "classes.txt").write_text("big\nsmall\n")
-    for split in ("train", "val", "test"):
-        (root / split).mkdir()
-        inst = np.zeros((32, 32), np.int32)
-        inst[0:20, 0:20], inst[28:30, 28:30] = 1, 2  # 400 px and 4 px
-        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / split / f"{split}0.png")
-        np.save(root / split / f"{split}0.npy", {"inst_map": inst, "type_map": inst.copy()})
-    prepare_dataset("folder", root, tmp_path / "cache", progress=False)
+    inst = np.zeros((32, 32), np.int32)
+    inst[0:20, 0:20], inst[28:30, 28:30] = 1, 2  # 400 px and 4 px
+    _one_image_cache(tmp_path, ["big", "small"], {"inst_map": inst, "type_map": inst.copy()})
     ds = CellDataset(tmp_path / "cache", "train", patch_size=None, augment=False, seed=0)
     assert ds.class_pixel_counts().tolist() == [400, 4]
     assert ds.class_counts_per_image().sum(0).tolist() == [1, 1]
@@ -330,18 +338,11 @@ def test_default_class_weights_come_from_pixel_frequencies(tmp_path: Path) -> No
 def test_unlabelled_foreground_is_ignored_or_trained_as_background(tmp_path: Path) -> None:
     """IGNORE_UNLABELLED: the cache's ignore_mask (foreground no label claims) is excluded from the loss by default;
     with False it is plain background inside the image, while the padding outside the image stays ignored."""
-    root = tmp_path / "src"
-    root.mkdir()
-    (root / "classes.txt").write_text("cell\n")
-    for split in ("train", "val", "test"):
-        (root / split).mkdir()
-        inst = np.zeros((32, 32), np.int32)
-        inst[2:10, 2:10] = 1
-        ignore = np.zeros((32, 32), bool)
-        ignore[20:28, 20:28] = True  # an unlabelled cell
-        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / split / f"{split}0.png")
-        np.save(root / split / f"{split}0.npy", {"inst_map": inst, "type_map": inst.copy(), "ignore_mask": ignore})
-    prepare_dataset("folder", root, tmp_path / "cache", progress=False)
+    inst = np.zeros((32, 32), np.int32)
+    inst[2:10, 2:10] = 1
+    ignore = np.zeros((32, 32), bool)
+    ignore[20:28, 20:28] = True  # an unlabelled cell
+    _one_image_cache(tmp_path, ["cell"], {"inst_map": inst, "type_map": inst.copy(), "ignore_mask": ignore})
     kept = CellDataset(tmp_path / "cache", "train", patch_size=None, augment=False, seed=0)[0]["ignore"]
     assert kept[20:28, 20:28].all() and kept.sum() == 64
     trained = CellDataset(tmp_path / "cache", "train", patch_size=None, augment=False, seed=0,
@@ -355,19 +356,12 @@ def test_unlabelled_foreground_is_ignored_or_trained_as_background(tmp_path: Pat
 def test_rare_crops_centre_half_the_crops_on_the_rarest_class(tmp_path: Path) -> None:
     """OVERSAMPLE_RARE's crop rule: a 4 px 'rare' cell in the corner of a 128 px image with large 'common' cells is in
     about 1 of 12 uniformly placed 32 px crops, but in at least half of the crops when rare_crops is on."""
-    root = tmp_path / "src"
-    root.mkdir()
-    (root / "classes.txt").write_text("common\nrare\n")
-    for split in ("train", "val", "test"):
-        (root / split).mkdir()
-        inst = np.zeros((128, 128), np.int32)
-        types = np.zeros((128, 128), np.int32)
-        for k, (y, x) in enumerate([(40, 40), (40, 90), (90, 40), (90, 90)], start=1):
-            inst[y - 10:y + 10, x - 10:x + 10], types[y - 10:y + 10, x - 10:x + 10] = k, 1
-        inst[120:124, 4:8], types[120:124, 4:8] = 5, 2
-        Image.fromarray(np.zeros((128, 128, 3), np.uint8)).save(root / split / f"{split}0.png")
-        np.save(root / split / f"{split}0.npy", {"inst_map": inst, "type_map": types})
-    prepare_dataset("folder", root, tmp_path / "cache", progress=False)
+    inst = np.zeros((128, 128), np.int32)
+    types = np.zeros((128, 128), np.int32)
+    for k, (y, x) in enumerate([(40, 40), (40, 90), (90, 40), (90, 90)], start=1):
+        inst[y - 10:y + 10, x - 10:x + 10], types[y - 10:y + 10, x - 10:x + 10] = k, 1
+    inst[120:124, 4:8], types[120:124, 4:8] = 5, 2
+    _one_image_cache(tmp_path, ["common", "rare"], {"inst_map": inst, "type_map": types})
 
     def share_with_rare(rare_crops: bool) -> float:
         ds = CellDataset(tmp_path / "cache", "train", patch_size=32, augment=True, seed=0, rare_crops=rare_crops)
