@@ -172,8 +172,10 @@ def report(name: str, args, params: dict, run: dict, model_m: dict, base_m: dict
     lines = [f"### {name}", "",
              f"Run {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}, command: `{args.command_line}`.",
              f"Machine: {os.cpu_count()} CPU cores, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}; load "
-             f"average {load[0]:.1f} at the start and {load[1]:.1f} at the end (other jobs shared the machine: wall "
-             "times are upper bounds of what the same budget gives on an idle machine).",
+             f"average {load[0]:.1f} at the start and {load[1]:.1f} at the end ("
+             + ("other jobs shared the machine: wall times are upper bounds of what the same budget gives on an idle "
+                "machine)." if load[0] >= 1.0 else "no other job was running at the start; the run's own kernel "
+                "raises the load during it)."),
              f"Training: {p1.get('mode', '?')}; input scale {params.get('INPUT_SCALE', 1.0)}; "
              f"{len(hist)} epochs, {hist[-1]['step'] if hist else 0} optimizer steps; Phase 1 status: "
              f"{status.get('status', '?')} ({status.get('reason', '')}); NC class weights {p1.get('class_weights')} "
