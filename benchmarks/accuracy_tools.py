@@ -1,11 +1,12 @@
 """Helpers of ``benchmarks/accuracy.py``: box-level detection scores, the classical baselines, the DSB2018 quadrants.
 
-Box-level scores (BCCD's ground truth is boxes): every predicted instance becomes its bounding box with its class and
-confidence; a prediction matches an unmatched ground-truth box of its class with box IoU >= 0.5, predictions taken in
-order of decreasing confidence over the whole split (PASCAL VOC's greedy rule). AP50 is the area under the
-precision/recall curve with VOC 2010's all-point interpolation (precision made monotone, summed over recall steps); F1
-counts every prediction the post-processing kept (no confidence threshold). Engineer i14b's
-``cellseg.metrics.boxes`` will hold the library version; until it is merged, the benchmark uses this one.
+Box-level scores (BCCD's ground truth is boxes), in PASCAL VOC's convention: every predicted instance becomes its
+bounding box with its class and confidence; a prediction matches an unmatched ground-truth box of its class with box
+IoU >= 0.5, predictions taken in order of decreasing confidence over the whole split; AP50 is the area under the
+precision/recall curve with VOC 2010's all-point interpolation (precision made monotone, summed over recall steps);
+F1 counts every prediction the post-processing kept (no confidence threshold), those on unboxed cells included. The
+evaluation report's box scores (``cellseg.metrics.boxes``) follow COCO instead (101-point AP, predictions on ignored
+pixels left out), so the two differ by design; the box geometry (instance boxes, IoU) is the library's.
 
 Classical baselines (what a user could do without a network): threshold + distance-transform watershed for the cells,
 and on BCCD a colour/size rule for the classes, with its sizes fitted on the training split only.
@@ -24,31 +25,19 @@ from skimage.feature import peak_local_max
 from skimage.filters import threshold_otsu
 from skimage.segmentation import watershed
 
+from cellseg.metrics.boxes import box_iou_matrix as box_iou
+from cellseg.metrics.boxes import instance_boxes as library_instance_boxes
+
 IOU_THRESHOLD = 0.5
 
 
 # ----------------------------------------------------------------------------- boxes
 def instance_boxes(inst_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Bounding boxes of instances 1..N as (x0, y0, x1, y1), half-open, and their ids. Shape: -> (N, 4), (N,)."""
-    objects = ndi.find_objects(inst_map.astype(np.int64))
-    ids, boxes = [], []
-    for k, sl in enumerate(objects, start=1):
-        if sl is None:
-            continue
-        ids.append(k)
-        boxes.append((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop))
-    return np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(ids, np.int64)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box of ``a`` with every box of ``b`` (x0, y0, x1, y1, half-open). Shape: (A, 4), (B, 4) -> (A, B)."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = ix * iy
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    """Bounding boxes of the instances present, as (x0, y0, x1, y1), half-open, and their ids (the library's boxes,
+    ids that do not occur left out). Shape: -> (N, 4) float64, (N,) int64."""
+    boxes = library_instance_boxes(np.asarray(inst_map))
+    ids = np.flatnonzero(boxes[:, 2] > boxes[:, 0]) + 1
+    return boxes[ids - 1].astype(np.float64).reshape(-1, 4), ids.astype(np.int64)
 
 
 @dataclass

@@ -4,6 +4,7 @@ Under CI (``CI=true``, set by `.ci/run`) a missing dataset fails instead: CI mus
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -72,3 +73,21 @@ def _private_hash_cache(tmp_path_factory):
     mp.setenv("CELLSEG_CACHE_DIR", str(tmp_path_factory.mktemp("cellseg-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture
+def logs():
+    """Messages of the cellseg loggers (attached directly: the run set-up may stop propagation to the root)."""
+    records: list[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler, logger = _Keep(level=logging.INFO), logging.getLogger("cellseg")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield lambda: "\n".join(r.getMessage() for r in records)
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)

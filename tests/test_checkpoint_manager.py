@@ -4,7 +4,6 @@ best-metric protection, exact state round trips, Phase 2 initialisation."""
 from __future__ import annotations
 
 import json
-import logging
 import re
 
 import pytest
@@ -23,24 +22,6 @@ from cellseg.checkpoint import (
 from cellseg.checkpoint.sidecar import sidecar_path
 from cellseg.model.lora import apply_lora
 from cellseg.model.network import build_model
-
-
-@pytest.fixture
-def logs():
-    """Messages of the cellseg loggers (attached directly: the run set-up may stop propagation to the root)."""
-    records: list[logging.LogRecord] = []
-
-    class _Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record)
-
-    handler, logger = _Keep(level=logging.INFO), logging.getLogger("cellseg")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield lambda: "\n".join(r.getMessage() for r in records)
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
 
 
 def _model(seed: int = 0, *, width: int = 8, num_classes: int = 3, encoder: str = "test_vit"):

@@ -4,8 +4,6 @@ a report, anything else that does not fit is still an error."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import timm
 import torch
@@ -26,23 +24,6 @@ from toydata import FakeCheckpoints, ToyDataset
 @pytest.fixture(autouse=True)
 def _hash_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CELLSEG_CACHE_DIR", str(tmp_path / "hash-cache"))
-
-
-@pytest.fixture
-def logs():
-    records: list[logging.LogRecord] = []
-
-    class _Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record)
-
-    handler, logger = _Keep(level=logging.INFO), logging.getLogger("cellseg")
-    old = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield lambda: "\n".join(r.getMessage() for r in records)
-    logger.removeHandler(handler)
-    logger.setLevel(old)
 
 
 @pytest.fixture(scope="module")
