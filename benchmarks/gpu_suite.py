@@ -448,50 +448,42 @@ def markdown(results: dict[str, Any]) -> str:
     peak = next((m for m in ok if m["name"] == "bf16 matmul peak"), None)
     if peak:
         lines += [f"Measured matmul peak: {peak['tflops']} TFLOP/s ({peak['matmul']}).", ""]
-    train = [m for m in ok if "images_per_s" in m]
-    if train:
-        lines += ["| configuration | images/s | step ms | forward | backward | optimizer | GFLOP/step | MFU | "
-                  "memory measured | memory predicted | error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for m in train:
-            s = m["split_ms"]
-            mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "n/a"
-            err = f"{100 * m['memory_error']:+.1f}%" if m["memory_error"] is not None else "n/a"
-            lines.append(f"| {m['configuration']}{' (' + m['search'] + ')' if 'search' in m else ''} | "
-                         f"{m['images_per_s']} | {m['step_ms']} | {s['forward']} | {s['backward']} | "
-                         f"{s['optimizer']} | {m['gflop_per_step']} | {mfu} | {_gib(m['memory_measured_bytes'])} | "
-                         f"{_gib(m['memory_predicted_bytes'])} | {err} |")
-        lines.append("")
-    mem = [m for m in ok if "within_10pct" in m]
-    if mem:
-        lines += ["| memory configuration | measured peak | predicted | error | within 10 % |", "|---|---|---|---|---|"]
-        lines += [f"| {m['configuration']} | {_gib(m['measured_bytes'])} | {_gib(m['predicted_bytes'])} | "
-                  f"{100 * m['error']:+.1f}% | {'yes' if m['within_10pct'] else 'NO'} |" for m in mem]
-        lines.append("")
-    caps = [m for m in ok if "card" in m]
-    if caps:
-        lines += ["| emulated card | suggested batch x accumulation | predicted total | cap | measured peak | "
-                  "result |", "|---|---|---|---|---|---|"]
-        lines += [f"| {m['card']} | {m['suggested']} | {_gib(m['predicted_total_bytes'])} | {_gib(m['cap_bytes'])} | "
-                  f"{_gib(m.get('measured_bytes'))} | {'fits' if m['fits'] else 'OUT OF MEMORY'}"
-                  f"{' (' + m['note'] + ')' if 'note' in m else ''} |" for m in caps]
-        lines.append("")
-    inf = [m for m in ok if "tiles_per_s" in m]
-    if inf:
-        lines += ["| inference | tiles | s/image | tiles/s |", "|---|---|---|---|"]
-        lines += [f"| {m['configuration']} | {m['tiles']} | {m['seconds_per_image']} | {m['tiles_per_s']} |"
-                  for m in inf]
-        lines.append("")
-    data = [m for m in ok if "gpu_idle_fraction" in m]
-    if data:
-        lines += ["| data loading | steps | GPU idle | mean wait ms | mean step ms |", "|---|---|---|---|---|"]
-        lines += [f"| {m['configuration']} | {m['steps']} | {100 * m['gpu_idle_fraction']:.1f}% | "
-                  f"{m['mean_wait_ms']} | {m['mean_step_ms']} |" for m in data]
-        lines.append("")
-    other = [m for m in ms if m["status"] != "ok"]
-    if other:
-        lines += ["| not measured | why |", "|---|---|"]
-        lines += [f"| {m['name']} | {m['status']}{': ' + m['detail'] if 'detail' in m else ''} |" for m in other]
-        lines.append("")
+    def pct(v: float | None, fmt: str) -> str:
+        return "n/a" if v is None else format(100 * v, fmt) + "%"
+
+    tables = [
+        (["configuration", "images/s", "step ms", "forward", "backward", "optimizer", "GFLOP/step", "MFU",
+          "memory measured", "memory predicted", "error"],
+         [m for m in ok if "images_per_s" in m],
+         lambda m: [m["configuration"] + (f" ({m['search']})" if "search" in m else ""), m["images_per_s"],
+                    m["step_ms"], m["split_ms"]["forward"], m["split_ms"]["backward"], m["split_ms"]["optimizer"],
+                    m["gflop_per_step"], pct(m["mfu"], ".1f"), _gib(m["memory_measured_bytes"]),
+                    _gib(m["memory_predicted_bytes"]), pct(m["memory_error"], "+.1f")]),
+        (["memory configuration", "measured peak", "predicted", "error", "within 10 %"],
+         [m for m in ok if "within_10pct" in m],
+         lambda m: [m["configuration"], _gib(m["measured_bytes"]), _gib(m["predicted_bytes"]),
+                    pct(m["error"], "+.1f"), "yes" if m["within_10pct"] else "NO"]),
+        (["emulated card", "suggested batch x accumulation", "predicted total", "cap", "measured peak", "result"],
+         [m for m in ok if "card" in m],
+         lambda m: [m["card"], m["suggested"], _gib(m["predicted_total_bytes"]), _gib(m["cap_bytes"]),
+                    _gib(m.get("measured_bytes")),
+                    ("fits" if m["fits"] else "OUT OF MEMORY") + (f" ({m['note']})" if "note" in m else "")]),
+        (["inference", "tiles", "s/image", "tiles/s"],
+         [m for m in ok if "tiles_per_s" in m],
+         lambda m: [m["configuration"], m["tiles"], m["seconds_per_image"], m["tiles_per_s"]]),
+        (["data loading", "steps", "GPU idle", "mean wait ms", "mean step ms"],
+         [m for m in ok if "gpu_idle_fraction" in m],
+         lambda m: [m["configuration"], m["steps"], pct(m["gpu_idle_fraction"], ".1f"), m["mean_wait_ms"],
+                    m["mean_step_ms"]]),
+        (["not measured", "why"],
+         [m for m in ms if m["status"] != "ok"],
+         lambda m: [m["name"], m["status"] + (f": {m['detail']}" if "detail" in m else "")]),
+    ]
+    for header, items, cells in tables:
+        if items:  # a table only for what was measured
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(str(c) for c in cells(m)) + " |" for m in items]
+            lines.append("")
     return "\n".join(lines)
 
 
