@@ -373,3 +373,15 @@ def test_rare_crops_centre_half_the_crops_on_the_rarest_class(tmp_path: Path) ->
 
     uniform, focused = share_with_rare(False), share_with_rare(True)
     assert uniform < 0.25 and focused >= 0.45, (uniform, focused)
+
+
+def test_rare_crops_fall_back_to_a_random_crop_on_an_image_without_cells(tmp_path: Path) -> None:
+    """No labelled cell to centre on: the crop stays the random one (before the fallback, np.argmax of an empty
+    array would raise here)."""
+    empty = np.zeros((64, 64), np.int32)
+    cache = _one_image_cache(tmp_path, ["cell"], {"inst_map": empty, "type_map": empty.copy()})
+    focused = CellDataset(cache, "train", patch_size=32, augment=True, seed=3, rare_crops=True)
+    for epoch in range(6):
+        focused.set_epoch(epoch)
+        item = focused[0]
+        assert item["image"].shape == (3, 32, 32) and not item["np"].any()
